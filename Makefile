@@ -1,0 +1,52 @@
+# Thin wrapper over CMake carrying the README's commands.
+#   make check       build and run every test (plain build)
+#   make check-asan  the same tests under ASan+UBSan
+#   make check-tsan  the same tests under TSan
+#   make bench       build and run every benchmark, printing their BENCH lines
+#   make install     install the library and headers (PREFIX=/usr/local)
+
+JOBS   ?= $(shell nproc)
+PREFIX ?= /usr/local
+CMAKE_FLAGS ?=
+
+BUILD      = build
+BUILD_ASAN = build-asan
+BUILD_TSAN = build-tsan
+BUILD_BENCH = build-bench
+
+.PHONY: all deps check check-asan check-tsan check-all bench install clean
+
+all: deps
+	cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+deps:
+	@./scripts/install-deps.sh
+
+define run_tests
+	cmake -S . -B $(1) $(2) $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(1) -j $(JOBS)
+	cd $(1) && ctest --output-on-failure -j $(JOBS) $(3)
+endef
+
+check: deps
+	$(call run_tests,$(BUILD),,)
+
+check-asan: deps
+	$(call run_tests,$(BUILD_ASAN),-DHMM_SANITIZE=address -DCMAKE_BUILD_TYPE=Debug,)
+
+check-tsan: deps
+	$(call run_tests,$(BUILD_TSAN),-DHMM_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug,-L tsan)
+
+check-all: check check-asan check-tsan
+
+bench: deps
+	cmake -S . -B $(BUILD_BENCH) -DCMAKE_BUILD_TYPE=Release -DHMM_DEBUG_CHECKS=OFF $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(BUILD_BENCH) -j $(JOBS)
+	./bench/run-all.sh $(BUILD_BENCH)/bench
+
+install: all
+	cmake --install $(BUILD) --prefix $(PREFIX)
+
+clean:
+	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_BENCH)
