@@ -1,0 +1,121 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * libhmm - heterogeneous memory management in user space.
+ *
+ * One virtual address space shared by the CPU and devices, built on memfd +
+ * userfaultfd: memory from hmm_mmap() is valid on the CPU, and (as devices
+ * arrive) on every attached device, with pages moving on demand.
+ *
+ * Conventions: every call returns 0 or a negative errno and never touches
+ * errno. Objects come back through out-parameters. Options structs start with
+ * their size so they can grow without breaking callers.
+ */
+#ifndef HMM_H
+#define HMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct hmm;
+
+/* ---- Address space ------------------------------------------------------ */
+
+/*
+ * How CPU faults on libhmm memory are served.
+ *
+ * HMM_FAULT_THREAD: a service thread reads the userfaultfd and resolves each
+ * fault; the faulting thread sleeps meanwhile. Robust: a system call that
+ * touches a not-yet-present page (read(2) into it, say) blocks and is served.
+ * Costs a cross-CPU wakeup per fault (~35-50 us on a small VM).
+ *
+ * HMM_FAULT_SIGNAL: the faulting thread resolves its own fault from a SIGBUS
+ * handler (UFFD_FEATURE_SIGBUS), an order of magnitude cheaper. The handler is
+ * installed for the process and passes foreign SIGBUS on to the previous one.
+ * Caveats: a system call that touches a not-yet-present page gets EFAULT
+ * instead of being served: touch buffers before passing them to the kernel.
+ * The handler may call malloc() (page-table growth): do not build the
+ * process's malloc on top of libhmm memory in this mode.
+ */
+enum hmm_fault_mode {
+	HMM_FAULT_THREAD = 0,
+	HMM_FAULT_SIGNAL = 1,
+};
+
+struct hmm_options {
+	size_t sz;			/* sizeof(struct hmm_options) */
+	enum hmm_fault_mode fault_mode;	/* default HMM_FAULT_THREAD */
+	/*
+	 * Bytes a CPU fault brings in around the faulting page: an aligned block,
+	 * a power-of-two multiple of the page size. 0 selects the default (256 KiB,
+	 * see docs/); the page size alone disables fault-around.
+	 */
+	size_t fault_around_bytes;
+};
+
+/*
+ * hmm_init - create the process's address space.
+ * @opts: NULL for defaults.
+ * @hmm:  receives the address space.
+ *
+ * One per process (signal mode owns the process's SIGBUS handler).
+ * Return: 0; -EINVAL bad options; -EEXIST one already exists; -EOPNOTSUPP
+ * the kernel's userfaultfd lacks a feature libhmm needs; -EPERM no
+ * userfaultfd access; -ENOMEM.
+ */
+int hmm_init(const struct hmm_options *opts, struct hmm **hmm);
+
+/*
+ * hmm_fini - tear the address space down: unmaps every region, stops the
+ * fault service. Pointers into libhmm memory are invalid afterwards.
+ * Context: no other thread may be using @hmm or its memory.
+ * Return: 0; -EINVAL @hmm is NULL or not the live address space.
+ */
+int hmm_fini(struct hmm *hmm);
+
+/* ---- Peer-shared memory ---------------------------------------------------- */
+
+/*
+ * hmm_mmap - map @length bytes (rounded up to pages) of peer-shared memory.
+ * @prot:  PROT_NONE, or PROT_READ optionally with PROT_WRITE.
+ * @flags: 0 (reserved).
+ * @addr:  receives the address. Pages read as zeros until written.
+ * Return: 0; -EINVAL zero length, bad @prot or @flags; -ENOMEM.
+ */
+int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void **addr);
+
+/*
+ * hmm_munmap - unmap [@addr, @addr + @length) and free its memory. The range
+ * may cover parts of several mappings, but every page in it must be libhmm's.
+ * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, or a page in
+ * the range that is not libhmm memory (nothing is unmapped then).
+ */
+int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
+
+/*
+ * hmm_mprotect - change the protection of [@addr, @addr + @length).
+ * Return: as hmm_munmap(), and -EINVAL for a bad @prot.
+ */
+int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot);
+
+/* ---- Statistics ------------------------------------------------------------ */
+
+struct hmm_stats {
+	uint64_t cpu_faults;		/* CPU faults served */
+	uint64_t cpu_pages_zeroed;	/* never-touched pages given to the CPU as zeros */
+	uint64_t cpu_pages_mapped;	/* pages with data mapped back for the CPU */
+	uint64_t regions;		/* live mappings */
+	uint64_t mapped_bytes;		/* their total size */
+};
+
+/* Counters since hmm_init(). Return: 0; -EINVAL. */
+int hmm_stats_read(struct hmm *hmm, struct hmm_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,276 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The address space: hmm_init(), hmm_fini(), statistics, and the two ways CPU
+ * faults reach hmm_cpu_fault() (hmm.h, enum hmm_fault_mode):
+ *
+ *   thread mode  a service thread polls the userfaultfd and the stop eventfd,
+ *                reads fault messages and resolves them; resolving wakes the
+ *                faulting thread.
+ *   signal mode  the uffd has UFFD_FEATURE_SIGBUS, so the faulting thread gets
+ *                SIGBUS; our handler resolves the fault and returns, and the
+ *                access is retried. A SIGBUS that is not ours goes to the
+ *                handler that was installed before us.
+ *
+ * Either way a fault we cannot serve yet (-EAGAIN: the mapping is changing)
+ * is retried by letting the access fault again.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "uffd.h"
+
+#define DEFAULT_FAULT_AROUND (256u << 10)
+#define MAX_FAULT_AROUND (2u << 20)
+
+/* hmm_live is set and cleared under init_lock; fault paths read it lock-free. */
+static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
+struct hmm *hmm_live;
+static struct sigaction previous_sigbus;
+
+/* ---- signal mode --------------------------------------------------------- */
+
+static void pass_on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	if (previous_sigbus.sa_flags & SA_SIGINFO) {
+		previous_sigbus.sa_sigaction(sig, si, uc);
+	} else if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN) {
+		previous_sigbus.sa_handler(sig);
+	} else {
+		/* Default action: uninstall ourselves; the access faults again and dies. */
+		signal(SIGBUS, SIG_DFL);
+	}
+}
+
+static void sigbus_handler(int sig, siginfo_t *si, void *uc)
+{
+	int saved_errno = errno;
+	struct hmm *hmm;
+	int ret = -EFAULT;
+
+	/* The read section keeps hmm_fini() from freeing @hmm under us. */
+	hmm_rcu_read_lock();
+	hmm = __atomic_load_n(&hmm_live, __ATOMIC_ACQUIRE);
+	if (hmm && hmm->fault_mode == HMM_FAULT_SIGNAL && si->si_code == BUS_ADRERR)
+		ret = hmm_cpu_fault(hmm, (uintptr_t)si->si_addr);
+	hmm_rcu_read_unlock();
+	errno = saved_errno;
+	if (ret == 0 || ret == -EAGAIN)
+		return;		/* served, or retried by faulting again */
+	pass_on_sigbus(sig, si, uc);
+}
+
+/* ---- thread mode --------------------------------------------------------- */
+
+static void serve_messages(struct hmm *hmm)
+{
+	struct uffd_msg msg;
+
+	while (hmm_uffd_read_msg(hmm->uffd, &msg) == 0) {
+		uintptr_t page;
+
+		if (msg.event != UFFD_EVENT_PAGEFAULT)
+			continue;
+		page = (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK;
+		/*
+		 * Not served (not ours any more, or the mapping is changing): wake
+		 * the thread so it retries, and faults again or gets SIGSEGV.
+		 */
+		if (hmm_cpu_fault(hmm, page) != 0)
+			hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
+	}
+}
+
+static void *fault_thread(void *arg)
+{
+	struct hmm *hmm = arg;
+	struct pollfd pfd[2] = {
+		{ .fd = hmm->uffd, .events = POLLIN },
+		{ .fd = hmm->stop_fd, .events = POLLIN },
+	};
+
+	for (;;) {
+		if (poll(pfd, 2, -1) < 0)
+			continue;	/* EINTR */
+		if (pfd[1].revents)
+			break;
+		if (pfd[0].revents & POLLIN)
+			serve_messages(hmm);
+	}
+	return NULL;
+}
+
+int hmm_fault_service_start(struct hmm *hmm)
+{
+	struct sigaction sa;
+
+	if (hmm->fault_mode == HMM_FAULT_SIGNAL) {
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = sigbus_handler;
+		sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+		sigemptyset(&sa.sa_mask);
+		return sigaction(SIGBUS, &sa, &previous_sigbus) ? -errno : 0;
+	}
+	hmm->stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (hmm->stop_fd < 0)
+		return -errno;
+	if (pthread_create(&hmm->fault_thread, NULL, fault_thread, hmm)) {
+		close(hmm->stop_fd);
+		return -EAGAIN;
+	}
+	hmm->thread_running = true;
+	return 0;
+}
+
+void hmm_fault_service_stop(struct hmm *hmm)
+{
+	uint64_t one = 1;
+
+	if (hmm->fault_mode == HMM_FAULT_SIGNAL) {
+		sigaction(SIGBUS, &previous_sigbus, NULL);
+		return;
+	}
+	if (!hmm->thread_running)
+		return;
+	if (write(hmm->stop_fd, &one, sizeof(one)) != sizeof(one))
+		abort();	/* an eventfd write of 1 cannot fail */
+	pthread_join(hmm->fault_thread, NULL);
+	close(hmm->stop_fd);
+	hmm->thread_running = false;
+}
+
+/* ---- init / fini --------------------------------------------------------- */
+
+static int parse_options(const struct hmm_options *opts, struct hmm *hmm)
+{
+	struct hmm_options o = { .sz = sizeof(o) };
+	size_t bytes;
+
+	if (opts) {
+		/* Accept older, smaller structs; a larger one must be zero beyond ours. */
+		if (opts->sz < offsetof(struct hmm_options, fault_mode) + sizeof(o.fault_mode))
+			return -EINVAL;
+		for (size_t i = sizeof(o); i < opts->sz; i++)
+			if (((const char *)opts)[i])
+				return -EINVAL;
+		memcpy(&o, opts, opts->sz < sizeof(o) ? opts->sz : sizeof(o));
+	}
+	if (o.fault_mode != HMM_FAULT_THREAD && o.fault_mode != HMM_FAULT_SIGNAL)
+		return -EINVAL;
+	bytes = o.fault_around_bytes ? o.fault_around_bytes : DEFAULT_FAULT_AROUND;
+	if (bytes < HMM_PAGE_SIZE || bytes > MAX_FAULT_AROUND || (bytes & (bytes - 1)))
+		return -EINVAL;
+	hmm->fault_mode = o.fault_mode;
+	hmm->fault_around_pages = bytes >> HMM_PAGE_SHIFT;
+	return 0;
+}
+
+int hmm_init(const struct hmm_options *opts, struct hmm **out)
+{
+	struct hmm *hmm;
+	uint64_t features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM |
+			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+	int ret;
+
+	if (!out)
+		return -EINVAL;
+	hmm = calloc(1, sizeof(*hmm));
+	if (!hmm)
+		return -ENOMEM;
+	hmm->uffd = -1;
+	ret = parse_options(opts, hmm);
+	if (ret)
+		goto fail_free;
+	if (hmm->fault_mode == HMM_FAULT_SIGNAL)
+		features |= UFFD_FEATURE_SIGBUS;
+
+	pthread_mutex_lock(&init_lock);
+	if (hmm_live) {
+		ret = -EEXIST;
+		goto fail_unlock;
+	}
+	ret = hmm_pt_init(&hmm->pt);
+	if (ret)
+		goto fail_unlock;
+	hmm->regions = calloc(1, sizeof(struct hmm_region_table));
+	if (!hmm->regions) {
+		ret = -ENOMEM;
+		goto fail_pt;
+	}
+	pthread_mutex_init(&hmm->lock, NULL);
+	ret = hmm_uffd_open(&hmm->uffd, features, O_CLOEXEC | O_NONBLOCK, NULL);
+	if (ret)
+		goto fail_table;
+	hmm->uffd_features = features;
+	/* Live before the service starts: the SIGBUS handler looks it up. */
+	__atomic_store_n(&hmm_live, hmm, __ATOMIC_RELEASE);
+	ret = hmm_fault_service_start(hmm);
+	if (ret) {
+		__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
+		close(hmm->uffd);
+		goto fail_table;
+	}
+	pthread_mutex_unlock(&init_lock);
+	*out = hmm;
+	return 0;
+
+fail_table:
+	free(hmm->regions);
+	pthread_mutex_destroy(&hmm->lock);
+fail_pt:
+	hmm_pt_fini(&hmm->pt);
+fail_unlock:
+	pthread_mutex_unlock(&init_lock);
+fail_free:
+	free(hmm);
+	return ret;
+}
+
+int hmm_fini(struct hmm *hmm)
+{
+	pthread_mutex_lock(&init_lock);
+	if (!hmm_is_live(hmm)) {
+		pthread_mutex_unlock(&init_lock);
+		return -EINVAL;
+	}
+	hmm_fault_service_stop(hmm);
+	pthread_mutex_lock(&hmm->lock);
+	hmm_region_destroy_all(hmm);
+	pthread_mutex_unlock(&hmm->lock);
+	__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
+	hmm_rcu_synchronize();	/* no SIGBUS handler still looks at @hmm */
+	close(hmm->uffd);
+	free(hmm->regions);
+	pthread_mutex_destroy(&hmm->lock);
+	hmm_pt_fini(&hmm->pt);
+	pthread_mutex_unlock(&init_lock);
+	free(hmm);
+	return 0;
+}
+
+int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
+{
+	struct hmm_region_table *t;
+
+	if (!hmm_is_live(hmm) || !st)
+		return -EINVAL;
+	memset(st, 0, sizeof(*st));
+	st->cpu_faults = atomic_load(&hmm->stat.cpu_faults);
+	st->cpu_pages_zeroed = atomic_load(&hmm->stat.cpu_pages_zeroed);
+	st->cpu_pages_mapped = atomic_load(&hmm->stat.cpu_pages_mapped);
+	hmm_rcu_read_lock();
+	t = atomic_load_explicit(&hmm->regions, memory_order_acquire);
+	st->regions = t->nr;
+	for (size_t i = 0; i < t->nr; i++)
+		st->mapped_bytes += t->region[i]->end - t->region[i]->start;
+	hmm_rcu_read_unlock();
+	return 0;
+}
