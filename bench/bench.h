@@ -44,6 +44,24 @@ static inline void bench_report(const char *id, double value, const char *unit)
 	fflush(stdout);
 }
 
+/* Fisher-Yates shuffle of @n indices with a fixed xorshift seed: the same order every run. */
+static inline void bench_shuffle(size_t *v, size_t n, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i++)
+		v[i] = i;
+	for (size_t i = n - 1; i > 0; i--) {
+		size_t j, t;
+
+		seed ^= seed << 13;
+		seed ^= seed >> 7;
+		seed ^= seed << 17;
+		j = seed % (i + 1);
+		t = v[i];
+		v[i] = v[j];
+		v[j] = t;
+	}
+}
+
 /* Keeps a computed value alive so the compiler cannot drop the work behind it. */
 static inline void bench_consume(uint64_t v)
 {

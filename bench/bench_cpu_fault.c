@@ -80,21 +80,8 @@ static double libhmm_run(enum hmm_fault_mode mode, size_t block, bool sparse)
 int main(void)
 {
 	static const size_t blocks[] = { 4096, 16u << 10, 64u << 10, 256u << 10, 1u << 20, 2u << 20 };
-	uint64_t rng = 0x9e3779b97f4a7c15ull;
 
-	for (size_t i = 0; i < SPARSE_PAGES; i++)
-		order[i] = i;
-	for (size_t i = SPARSE_PAGES - 1; i > 0; i--) {
-		size_t j, t;
-
-		rng ^= rng << 13;
-		rng ^= rng >> 7;
-		rng ^= rng << 17;
-		j = rng % (i + 1);
-		t = order[i];
-		order[i] = order[j];
-		order[j] = t;
-	}
+	bench_shuffle(order, SPARSE_PAGES, 0x9e3779b97f4a7c15ull);
 
 	for (int sparse = 0; sparse < 2; sparse++) {
 		for (int mode = 0; mode < 2; mode++) {

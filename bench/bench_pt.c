@@ -45,22 +45,17 @@ static hmm_pte_t fill_fn(void *arg, uintptr_t addr, hmm_pte_t old)
 	return entry_of(addr);
 }
 
+/* A random permutation of the range's pages, as addresses. */
 static void shuffle(uint64_t seed)
 {
-	for (size_t i = 0; i < PAGES; i++)
-		order[i] = BASE + i * HMM_PAGE_SIZE;
-	for (size_t i = PAGES - 1; i > 0; i--) {
-		size_t j;
-		uintptr_t t;
+	size_t *idx = malloc(PAGES * sizeof(*idx));
 
-		seed ^= seed << 13;
-		seed ^= seed >> 7;
-		seed ^= seed << 17;
-		j = seed % (i + 1);
-		t = order[i];
-		order[i] = order[j];
-		order[j] = t;
-	}
+	if (!idx)
+		abort();
+	bench_shuffle(idx, PAGES, seed);
+	for (size_t i = 0; i < PAGES; i++)
+		order[i] = BASE + idx[i] * HMM_PAGE_SIZE;
+	free(idx);
 }
 
 static double per_page(uint64_t ns, size_t pages)

@@ -79,14 +79,11 @@ static struct hmm_region *region_new(struct hmm_memfd *f, uintptr_t start, uintp
 	return r;
 }
 
-/* Publishes @t and frees the table it replaces once no reader can see it. */
+/* Publishes @t; on return no reader sees the table it replaced (the caller frees that). */
 static void table_publish(struct hmm *hmm, struct hmm_region_table *t)
 {
-	struct hmm_region_table *old = table_of(hmm);
-
 	atomic_store_explicit(&hmm->regions, t, memory_order_release);
 	hmm_rcu_synchronize();
-	free(old);
 }
 
 static bool prot_valid(int prot)
@@ -149,6 +146,7 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	if (!j)
 		t->region[t->nr++] = r;
 	table_publish(hmm, t);
+	free(old);
 	pthread_mutex_unlock(&hmm->lock);
 	*addr = cpu;
 	return 0;
@@ -296,29 +294,34 @@ static void release_replaced(struct hmm_region_table *old, uintptr_t start, uint
 	}
 }
 
-int hmm_munmap(struct hmm *hmm, void *addr, size_t length)
+/*
+ * The common body of munmap (@new_prot < 0) and mprotect: every page of
+ * [start, end) must be libhmm's; cut the regions, apply the change, publish,
+ * and tear down what only the old table described.
+ */
+static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot)
 {
 	struct hmm_region_table *old, *t;
-	uintptr_t start, end;
-	size_t i;
+	int ret = 0;
 
-	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
-		return -EINVAL;
 	pthread_mutex_lock(&hmm->lock);
 	old = table_of(hmm);
 	if (covered(old, start, end) < 0) {
-		pthread_mutex_unlock(&hmm->lock);
-		return -EINVAL;
+		ret = -EINVAL;
+		goto out;
 	}
-	t = table_cut(old, start, end, -1);
+	t = table_cut(old, start, end, new_prot);
 	if (!t) {
-		pthread_mutex_unlock(&hmm->lock);
-		return -ENOMEM;
+		ret = -ENOMEM;
+		goto out;
 	}
-	/* table_publish() would free @old, which we still walk: keep it until done. */
-	atomic_store_explicit(&hmm->regions, t, memory_order_release);
-	hmm_rcu_synchronize();
-	for (i = 0; i < old->nr; i++) {
+	if (new_prot >= 0 && mprotect((void *)start, end - start, new_prot) < 0) {
+		ret = -errno;
+		table_discard(t, old);
+		goto out;
+	}
+	table_publish(hmm, t);
+	for (size_t i = 0; i < old->nr && new_prot < 0; i++) {
 		struct hmm_region *r = old->region[i];
 		uintptr_t s = r->start > start ? r->start : start;
 		uintptr_t e = r->end < end ? r->end : end;
@@ -328,41 +331,27 @@ int hmm_munmap(struct hmm *hmm, void *addr, size_t length)
 	}
 	release_replaced(old, start, end);
 	free(old);
+out:
 	pthread_mutex_unlock(&hmm->lock);
-	return 0;
+	return ret;
+}
+
+int hmm_munmap(struct hmm *hmm, void *addr, size_t length)
+{
+	uintptr_t start, end;
+
+	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
+		return -EINVAL;
+	return change_range(hmm, start, end, -1);
 }
 
 int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
 {
-	struct hmm_region_table *old, *t;
 	uintptr_t start, end;
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end) || !prot_valid(prot))
 		return -EINVAL;
-	pthread_mutex_lock(&hmm->lock);
-	old = table_of(hmm);
-	if (covered(old, start, end) < 0) {
-		pthread_mutex_unlock(&hmm->lock);
-		return -EINVAL;
-	}
-	t = table_cut(old, start, end, prot);
-	if (!t) {
-		pthread_mutex_unlock(&hmm->lock);
-		return -ENOMEM;
-	}
-	if (mprotect((void *)start, end - start, prot) < 0) {
-		int err = -errno;
-
-		table_discard(t, old);
-		pthread_mutex_unlock(&hmm->lock);
-		return err;
-	}
-	atomic_store_explicit(&hmm->regions, t, memory_order_release);
-	hmm_rcu_synchronize();
-	release_replaced(old, start, end);
-	free(old);
-	pthread_mutex_unlock(&hmm->lock);
-	return 0;
+	return change_range(hmm, start, end, prot);
 }
 
 void hmm_region_destroy_all(struct hmm *hmm)
