@@ -397,11 +397,31 @@ static void foreign_sigbus_reaches_previous_handler(void)
 	close(fd);
 }
 
+/* hmm_fini() with mappings still live unmaps them, and a new address space can follow. */
+static void fini_unmaps_live_mappings(void)
+{
+	char *a, *b;
+
+	start(HMM_FAULT_THREAD, 0);
+	CHECK_EQ(hmm_mmap(hmm, 8 * PAGE, PROT_READ | PROT_WRITE, 0, (void **)&a), 0);
+	CHECK_EQ(hmm_mmap(hmm, 8 * PAGE, PROT_READ, 0, (void **)&b), 0);
+	a[0] = 1;
+	(void)b[PAGE];
+	CHECK_EQ(hmm_fini(hmm), 0);
+	CHECK_EQ(hmm_fini(hmm), -EINVAL);		/* use after fini */
+	CHECK_EQ(hmm_mmap(hmm, PAGE, PROT_READ, 0, (void **)&a), -EINVAL);
+	CHECK_EQ(signal_of(read_byte, a), SIGSEGV);
+	CHECK_EQ(signal_of(read_byte, b + PAGE), SIGSEGV);
+	start(HMM_FAULT_SIGNAL, 0);
+	stop();
+}
+
 int main(void)
 {
 	RUN(options_are_checked);
 	run_mode(HMM_FAULT_THREAD);
 	run_mode(HMM_FAULT_SIGNAL);
 	RUN(foreign_sigbus_reaches_previous_handler);
+	RUN(fini_unmaps_live_mappings);
 	return 0;
 }
