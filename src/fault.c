@@ -65,12 +65,12 @@ static void count(_Atomic uint64_t *counter, uint64_t n)
  */
 static int present_one(struct hmm *hmm, uintptr_t a)
 {
-	int ret = hmm_uffd_zeropage(hmm->uffd, (void *)a, HMM_PAGE_SIZE, 0, NULL);
+	int ret = hmm_uffd_zeropage(hmm->uffd, (void *)a, HMM_PAGE_SIZE, HMM_UFFD_DONTWAKE, NULL);
 
 	if (ret == 0) {
 		count(&hmm->stat.cpu_pages_zeroed, 1);
 	} else if (ret == -EEXIST) {
-		ret = hmm_uffd_continue(hmm->uffd, (void *)a, HMM_PAGE_SIZE, 0, NULL);
+		ret = hmm_uffd_continue(hmm->uffd, (void *)a, HMM_PAGE_SIZE, HMM_UFFD_DONTWAKE, NULL);
 		if (ret == 0)
 			count(&hmm->stat.cpu_pages_mapped, 1);
 		else if (ret == -EEXIST)
@@ -93,9 +93,9 @@ static int present_run(struct hmm *hmm, uintptr_t start, uintptr_t end, bool zer
 		int ret;
 
 		if (zero)
-			ret = hmm_uffd_zeropage(hmm->uffd, (void *)a, end - a, 0, &done);
+			ret = hmm_uffd_zeropage(hmm->uffd, (void *)a, end - a, HMM_UFFD_DONTWAKE, &done);
 		else
-			ret = hmm_uffd_continue(hmm->uffd, (void *)a, end - a, 0, &done);
+			ret = hmm_uffd_continue(hmm->uffd, (void *)a, end - a, HMM_UFFD_DONTWAKE, &done);
 		if (done) {
 			count(zero ? &hmm->stat.cpu_pages_zeroed : &hmm->stat.cpu_pages_mapped,
 			      done >> HMM_PAGE_SHIFT);
@@ -164,6 +164,14 @@ int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr)
 			break;		/* best effort beyond the faulting page */
 	}
 out:
+	/*
+	 * Everything above was mapped without waking anyone: woken by the first
+	 * page, a thread-mode faulter would run ahead into the rest of the block
+	 * while we still fill it, and fault again for each page it beats us to.
+	 * (In signal mode nobody sleeps on the uffd.)
+	 */
+	if (hmm->fault_mode == HMM_FAULT_THREAD)
+		hmm_uffd_wake(hmm->uffd, (void *)b.start, b.end - b.start);
 	hmm_rcu_read_unlock();
 	return ret;
 }
