@@ -19,6 +19,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -706,23 +707,36 @@ static void *madviser_main(void *arg)
 	return NULL;
 }
 
-static void unread_remove_blocks_madvise_and_resolves_get_eagain(void)
+/*
+ * Sets up @f with EVENT_REMOVE, page 0 filled, and a thread blocked in
+ * MADV_DONTNEED on it until its REMOVE event is read. Return: false (after
+ * printing why) if the kernel lacks the features.
+ */
+static bool start_blocked_remove(struct fx *f, struct madviser *md, pthread_t *t,
+				 const char *who)
 {
 	uint64_t features = SHMEM_FEATURES | UFFD_FEATURE_EVENT_REMOVE;
+
+	if (!need(features, who))
+		return false;
+	fx_init(f, 4, features, O_CLOEXEC | O_NONBLOCK);
+	fx_copy(f, 0, 1);
+	md->addr = f->cpu;
+	CHECK_EQ(pthread_create(t, NULL, madviser_main, md), 0);
+	CHECK_EQ(hmm_uffd_wait(f->ufd, 10000), 0);	/* REMOVE queued */
+	return true;
+}
+
+static void unread_remove_blocks_madvise_and_resolves_get_eagain(void)
+{
 	struct madviser md = { 0 };
 	struct uffd_msg m;
 	pthread_t t;
 	size_t done = 1;
 	struct fx f;
 
-	if (!need(features, __func__))
+	if (!start_blocked_remove(&f, &md, &t, __func__))
 		return;
-	fx_init(&f, 4, features, O_CLOEXEC | O_NONBLOCK);
-	fx_copy(&f, 0, 1);
-	md.addr = f.cpu;
-	CHECK_EQ(pthread_create(&t, NULL, madviser_main, &md), 0);
-
-	CHECK_EQ(hmm_uffd_wait(f.ufd, 10000), 0);	/* REMOVE queued */
 	sleep_ms(20);
 	CHECK_EQ(atomic_load(&md.done), 0);		/* madvise waits for the read */
 	CHECK_EQ(hmm_uffd_copy(f.ufd, cpu_page(&f, 2), f.dma, PS, 0, &done), -EAGAIN);
@@ -781,20 +795,14 @@ static void toucher_wait_blocked(struct toucher *t)
 
 static void pagefault_overtakes_earlier_remove_event(void)
 {
-	uint64_t features = SHMEM_FEATURES | UFFD_FEATURE_EVENT_REMOVE;
 	struct madviser md = { 0 };
 	struct toucher tc = { 0 };
 	pthread_t tm, tt;
 	struct uffd_msg m;
 	struct fx f;
 
-	if (!need(features, __func__))
+	if (!start_blocked_remove(&f, &md, &tm, __func__))	/* REMOVE queued first */
 		return;
-	fx_init(&f, 4, features, O_CLOEXEC | O_NONBLOCK);
-	fx_copy(&f, 0, 1);
-	md.addr = f.cpu;
-	CHECK_EQ(pthread_create(&tm, NULL, madviser_main, &md), 0);
-	CHECK_EQ(hmm_uffd_wait(f.ufd, 10000), 0);	/* REMOVE queued first */
 	tc.addr = cpu_page(&f, 3);
 	CHECK_EQ(pthread_create(&tt, NULL, toucher_main, &tc), 0);
 	toucher_wait_blocked(&tc);			/* then the fault */
