@@ -37,7 +37,8 @@ struct hmm;
  * installed for the process and passes foreign SIGBUS on to the previous one.
  * Caveats: a system call that touches a not-yet-present page gets EFAULT
  * instead of being served: touch buffers before passing them to the kernel.
- * The handler may call malloc() (page-table growth): do not build the
+ * The handler may call malloc() and take library locks (page-table growth,
+ * device chunks given back): do not build the
  * process's malloc on top of libhmm memory in this mode.
  */
 enum hmm_fault_mode {
@@ -101,6 +102,44 @@ int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
  */
 int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot);
 
+/* ---- Migration ----------------------------------------------------------- */
+
+struct hmm_device;			/* hmm/device.h */
+struct hmm_fence;			/* hmm/device.h */
+
+/*
+ * hmm_migrate - move the pages of [@addr, @addr + @length) to device @to's
+ * memory, or to host memory when @to is NULL. Pages never touched are
+ * zero-filled at the destination; pages already there stay. A device whose
+ * memory is full evicts its least recently used chunks to the host, so a range
+ * larger than the device's memory ends with its tail resident there.
+ *
+ * The move is made in three phases, a batch of pages at a time: the pages
+ * are taken busy and every mapping of them dropped (CPU and device); the
+ * data is copied; each page is committed to its new place. A page that cannot
+ * be copied stays where it was, intact, and the call fails.
+ *
+ * @flags: 0 (reserved).
+ * @fence: NULL to wait for the move. Otherwise the move runs on the core's
+ *         migration thread and *@fence receives a fence to wait for with
+ *         hmm_fence_wait() and to drop with hmm_fence_put().
+ * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, @to not
+ * registered, bad @flags; -EFAULT a page in the range is not libhmm memory
+ * (nothing moved); -ENOMEM device memory full and nothing evictable; -EIO a
+ * copy failed. Pages before the failing batch have moved. An asynchronous
+ * move reports these through its fence.
+ */
+int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *to,
+		unsigned int flags, struct hmm_fence **fence);
+
+/*
+ * hmm_fence_wait - wait until the work behind @fence is done.
+ * Return: 0; the work's -errno.
+ */
+int hmm_fence_wait(struct hmm_fence *fence);
+void hmm_fence_get(struct hmm_fence *fence);
+void hmm_fence_put(struct hmm_fence *fence);
+
 /* ---- Statistics ------------------------------------------------------------ */
 
 struct hmm_stats {
@@ -109,6 +148,13 @@ struct hmm_stats {
 	uint64_t cpu_pages_mapped;	/* pages with data mapped back for the CPU */
 	uint64_t regions;		/* live mappings */
 	uint64_t mapped_bytes;		/* their total size */
+	uint64_t device_faults;		/* hmm_device_fault() calls served */
+	uint64_t pages_to_device;	/* host -> device copies, in pages */
+	uint64_t pages_to_host;		/* device -> host, including evictions */
+	uint64_t pages_device_to_device;
+	uint64_t pages_zeroed_on_device;/* never-touched pages created on a device */
+	uint64_t pages_evicted;		/* moved to the host to make room */
+	uint64_t device_pages_used;	/* device memory holding pages now, all devices */
 };
 
 /* Counters since hmm_init(). Return: 0; -EINVAL. */

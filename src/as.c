@@ -206,6 +206,10 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 		goto fail_pt;
 	}
 	pthread_mutex_init(&hmm->lock, NULL);
+	pthread_mutex_init(&hmm->dev_lock, NULL);
+	pthread_mutex_init(&hmm->mig_lock, NULL);
+	pthread_cond_init(&hmm->mig_cond, NULL);
+	hmm->mig_tail = &hmm->mig_head;
 	ret = hmm_uffd_open(&hmm->uffd, features, O_CLOEXEC | O_NONBLOCK, NULL);
 	if (ret)
 		goto fail_table;
@@ -241,15 +245,20 @@ int hmm_fini(struct hmm *hmm)
 		pthread_mutex_unlock(&init_lock);
 		return -EINVAL;
 	}
+	hmm_migrate_stop(hmm);		/* queued migrations finish first */
 	hmm_fault_service_stop(hmm);
 	pthread_mutex_lock(&hmm->lock);
-	hmm_region_destroy_all(hmm);
+	hmm_region_destroy_all(hmm);	/* device pages freed with their regions */
 	pthread_mutex_unlock(&hmm->lock);
+	hmm_device_release_all(hmm);
 	__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
 	hmm_rcu_synchronize();	/* no SIGBUS handler still looks at @hmm */
 	close(hmm->uffd);
 	free(hmm->regions);
 	pthread_mutex_destroy(&hmm->lock);
+	pthread_mutex_destroy(&hmm->dev_lock);
+	pthread_mutex_destroy(&hmm->mig_lock);
+	pthread_cond_destroy(&hmm->mig_cond);
 	hmm_pt_fini(&hmm->pt);
 	pthread_mutex_unlock(&init_lock);
 	free(hmm);
@@ -266,7 +275,19 @@ int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
 	st->cpu_faults = atomic_load(&hmm->stat.cpu_faults);
 	st->cpu_pages_zeroed = atomic_load(&hmm->stat.cpu_pages_zeroed);
 	st->cpu_pages_mapped = atomic_load(&hmm->stat.cpu_pages_mapped);
-	hmm_rcu_read_lock();
+	st->device_faults = atomic_load(&hmm->stat.device_faults);
+	st->pages_to_device = atomic_load(&hmm->stat.pages_to_device);
+	st->pages_to_host = atomic_load(&hmm->stat.pages_to_host);
+	st->pages_device_to_device = atomic_load(&hmm->stat.pages_device_to_device);
+	st->pages_zeroed_on_device = atomic_load(&hmm->stat.pages_zeroed_on_device);
+	st->pages_evicted = atomic_load(&hmm->stat.pages_evicted);
+	hmm_rcu_read_lock();		/* devcores are freed a grace period after removal */
+	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
+		struct hmm_devcore *dc = hmm_devcore(hmm, id);
+
+		if (dc)
+			st->device_pages_used += hmm_devmem_pages_used(&dc->mem);
+	}
 	t = atomic_load_explicit(&hmm->regions, memory_order_acquire);
 	st->regions = t->nr;
 	for (size_t i = 0; i < t->nr; i++)

@@ -226,17 +226,21 @@ size_t hmm_devmem_lru_chunk(struct hmm_devmem *dm, uint64_t *frames, uintptr_t *
 	return n;
 }
 
-int hmm_devmem_frame_chunk(struct hmm_devmem *dm, uint64_t frame, void **handle,
-			   unsigned int *page)
+int hmm_devmem_frame_addr(struct hmm_devmem *dm, const uint64_t *frames, size_t n,
+			  uint64_t *addr)
 {
-	struct hmm_devmem_chunk *c;
-	int ret = -ENOENT;
+	int ret = 0;
 
 	pthread_mutex_lock(&dm->lock);
-	c = frame_chunk(dm, frame, page);
-	if (c) {
-		*handle = c->handle;
-		ret = 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned int page;
+		struct hmm_devmem_chunk *c = frame_chunk(dm, frames[i], &page);
+
+		if (!c) {
+			ret = -ENOENT;
+			break;
+		}
+		addr[i] = c->handle + ((uint64_t)page << 12);
 	}
 	pthread_mutex_unlock(&dm->lock);
 	return ret;
@@ -248,6 +252,16 @@ size_t hmm_devmem_pages_used(struct hmm_devmem *dm)
 
 	pthread_mutex_lock(&dm->lock);
 	n = dm->pages_used;
+	pthread_mutex_unlock(&dm->lock);
+	return n;
+}
+
+size_t hmm_devmem_chunks(struct hmm_devmem *dm)
+{
+	size_t n;
+
+	pthread_mutex_lock(&dm->lock);
+	n = dm->chunks_live;
 	pthread_mutex_unlock(&dm->lock);
 	return n;
 }

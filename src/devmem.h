@@ -1,16 +1,16 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Device memory as the core manages it (DESIGN.md §3): the backend hands out
- * chunks (HMM_DEVMEM_CHUNK_PAGES pages each, an opaque handle apiece: an
- * offset in simdev's arena, a cuMemCreate handle); the core sub-allocates
+ * chunks (HMM_DEVMEM_CHUNK_PAGES pages each, named by the chunk's device
+ * address: an offset in simdev's arena, a CUdeviceptr); the core sub-allocates
  * pages inside them, records which virtual page each device frame holds (the
  * reverse map eviction needs), keeps chunks in least-recently-used order, and
  * gives a chunk back to the backend when its last page is freed.
  *
  * Frame numbers are the core's: frame = chunk slot * CHUNK_PAGES + page, so
  * they stay small and dense whatever the backend's addresses are, and they fit
- * the frame field of a page-table entry. A backend turns a frame into its own
- * address with hmm_devmem_frame_chunk().
+ * the frame field of a page-table entry. hmm_devmem_frame_addr() turns frames
+ * into the backend's addresses.
  *
  * Locking: hmm_devmem.lock (a mutex) protects everything in struct
  * hmm_devmem and its chunks. It is a leaf lock: nothing else is taken under
@@ -33,14 +33,14 @@ struct hmm_devmem_backend {
 	 * Return: 0 and *@handle set; -ENOMEM when device memory is exhausted
 	 * (the core then evicts and retries); another -errno is passed up.
 	 */
-	int (*chunk_alloc)(void *ctx, void **handle);
+	int (*chunk_alloc)(void *ctx, uint64_t *handle);
 	/* chunk_free - give a chunk back. Called with hmm_devmem.lock held. */
-	void (*chunk_free)(void *ctx, void *handle);
+	void (*chunk_free)(void *ctx, uint64_t handle);
 	void *ctx;
 };
 
 struct hmm_devmem_chunk {
-	void *handle;				/* the backend's */
+	uint64_t handle;			/* the backend's: the chunk's device address */
 	unsigned int slot;			/* index in hmm_devmem.chunk */
 	unsigned int nr_used;
 	uint64_t used[HMM_DEVMEM_CHUNK_PAGES / 64];
@@ -87,12 +87,15 @@ void hmm_devmem_touch(struct hmm_devmem *dm, const uint64_t *frames, size_t n);
 size_t hmm_devmem_lru_chunk(struct hmm_devmem *dm, uint64_t *frames, uintptr_t *owners);
 
 /*
- * hmm_devmem_frame_chunk - the backend's handle of the chunk holding @frame,
- * and the page index of @frame inside it.
- * Return: 0; -ENOENT @frame is not allocated.
+ * hmm_devmem_frame_addr - the backend's address of each of @n frames: its
+ * chunk's handle + page index * 4 KiB.
+ * Return: 0; -ENOENT a frame is not allocated.
  */
-int hmm_devmem_frame_chunk(struct hmm_devmem *dm, uint64_t frame, void **handle,
-			   unsigned int *page);
+int hmm_devmem_frame_addr(struct hmm_devmem *dm, const uint64_t *frames, size_t n,
+			  uint64_t *addr);
+
+/* Chunks held now. */
+size_t hmm_devmem_chunks(struct hmm_devmem *dm);
 
 /* Pages allocated now. */
 size_t hmm_devmem_pages_used(struct hmm_devmem *dm);

@@ -22,40 +22,9 @@
 #include "page_state.h"
 #include "uffd.h"
 
-#define MAX_BLOCK_PAGES 512		/* fault-around is capped at 2 MiB */
-
-struct block {
-	uintptr_t start, end;
-	uint64_t was_empty[MAX_BLOCK_PAGES / 64];	/* EMPTY before this fault */
-};
-
-static size_t block_index(const struct block *b, uintptr_t a)
-{
-	return (a - b->start) >> HMM_PAGE_SHIFT;
-}
-
-static bool was_empty(const struct block *b, uintptr_t a)
-{
-	size_t i = block_index(b, a);
-
-	return b->was_empty[i / 64] & (1ull << (i % 64));
-}
-
-/* EMPTY -> HOST for the whole block, remembering which pages were EMPTY. */
-static hmm_pte_t empty_to_host(void *arg, uintptr_t addr, hmm_pte_t old)
-{
-	struct block *b = arg;
-	size_t i = block_index(b, addr);
-
-	if (old)
-		return old;
-	b->was_empty[i / 64] |= 1ull << (i % 64);
-	return hmm_pte_host();
-}
-
 static void count(_Atomic uint64_t *counter, uint64_t n)
 {
-	atomic_fetch_add_explicit(counter, n, memory_order_relaxed);
+	hmm_count(counter, n);
 }
 
 /*
@@ -115,55 +84,107 @@ static int present_run(struct hmm *hmm, uintptr_t start, uintptr_t end, bool zer
 	return 0;
 }
 
+/* How a taken page of the block is made present, from its entry after any move. */
+enum present {
+	SKIP,		/* not ours, or still on a device (its move failed) */
+	ZERO,		/* was EMPTY: zero-fill */
+	MAP,		/* HOST: map the frame */
+};
+
+static enum present how(const struct hmm_busy *b, size_t i)
+{
+	if (!hmm_busy_taken(b, i))
+		return SKIP;
+	switch (hmm_pte_state(b->new[i])) {
+	case HMM_PTE_EMPTY:
+		return ZERO;
+	case HMM_PTE_HOST:
+		return MAP;
+	default:
+		return SKIP;
+	}
+}
+
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr)
 {
 	uintptr_t page = addr & HMM_PAGE_MASK, span = hmm->fault_around_pages << HMM_PAGE_SHIFT;
-	struct hmm_region *r;
-	struct block b;
-	uintptr_t a, run;
+	struct hmm_span s;
+	struct hmm_busy b;
+	size_t n, fi;
+	bool on_device = false;
 	int ret;
 
-	hmm_rcu_read_lock();
-	r = hmm_region_find(hmm, page);
-	if (!r) {
-		hmm_rcu_read_unlock();
+retry:
+	/* The block: the aligned fault-around window, clipped to the region. */
+	if (hmm_span_get(hmm, page, (page & ~(span - 1)) + span, &s))
 		return -EFAULT;
-	}
-	count(&hmm->stat.cpu_faults, 1);
-	b.start = page & ~(span - 1);
-	b.end = b.start + span;
-	if (b.start < r->start)
-		b.start = r->start;
-	if (b.end > r->end)
-		b.end = r->end;
-	memset(b.was_empty, 0, sizeof(b.was_empty));
+	b.start = s.region_start > (page & ~(span - 1)) ? s.region_start : page & ~(span - 1);
+	b.end = s.end;
+	s.offset -= s.start - b.start;
+	s.start = b.start;
+	n = (b.end - b.start) >> HMM_PAGE_SHIFT;
+	fi = hmm_busy_index(&b, page);
 
 	/*
-	 * EMPTY -> HOST before mapping (page_state.h): if the entry cannot be
-	 * recorded, nothing is mapped, so a page never holds data the table
-	 * calls EMPTY. A HOST page whose frame is still a hole reads as zeros.
+	 * Take the block's pages that nobody holds; the faulting page we must
+	 * have, so if someone holds it, let go of everything and wait for it
+	 * (busy.c: never wait while holding pages).
 	 */
-	ret = hmm_pt_update(&hmm->pt, b.start, b.end, 0, empty_to_host, &b);
-	if (ret)
+	ret = hmm_busy_trylock(hmm, &b);
+	if (ret) {
+		hmm_span_put(&s);
+		return ret;
+	}
+	if (!hmm_busy_taken(&b, fi)) {
+		hmm_busy_unlock(hmm, &b);
+		hmm_span_put(&s);
+		hmm_busy_wait(hmm, page);
+		goto retry;
+	}
+	if (!hmm_span_valid(hmm, &s)) {
+		hmm_busy_unlock(hmm, &b);
+		hmm_span_put(&s);
+		goto retry;		/* unmapped or split meanwhile: look again */
+	}
+	count(&hmm->stat.cpu_faults, 1);
+
+	/* DEVICE -> HOST: bring back the block's device pages (page_state.h). */
+	for (size_t i = 0; i < n; i++)
+		on_device |= hmm_busy_taken(&b, i) && hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE;
+	if (on_device)
+		hmm_move_pages(hmm, &s, &b, NULL, NULL, NULL);
+	if (how(&b, fi) == SKIP) {
+		ret = -EIO;	/* the faulting page could not be copied back: still on its device */
 		goto out;
+	}
 
 	/* The faulting page first, so a failure elsewhere in the block cannot delay it. */
-	ret = present_run(hmm, page, page + HMM_PAGE_SIZE, was_empty(&b, page));
+	ret = present_run(hmm, page, page + HMM_PAGE_SIZE, how(&b, fi) == ZERO);
 	if (ret)
 		goto out;
+	/* Then the rest of the block, in runs of pages made present the same way. */
+	for (size_t i = 0, j; i < n; i = j) {
+		enum present h = how(&b, i);
 
-	/* Then the rest of the block, in runs of pages that were EMPTY or not. */
-	for (a = b.start; a < b.end; a = run) {
-		bool zero = was_empty(&b, a);
-
-		for (run = a + HMM_PAGE_SIZE; run < b.end && run != page && a != page &&
-					      was_empty(&b, run) == zero;
-		     run += HMM_PAGE_SIZE)
+		for (j = i + 1; j < n && j != fi && i != fi && how(&b, j) == h; j++)
 			;
-		if (a != page && present_run(hmm, a, run, zero))
+		if (i != fi && h != SKIP &&
+		    present_run(hmm, b.start + (i << HMM_PAGE_SHIFT), b.start + (j << HMM_PAGE_SHIFT),
+				h == ZERO))
 			break;		/* best effort beyond the faulting page */
 	}
 out:
+	/*
+	 * EMPTY -> HOST for what we zero-filled (and for the rest: a HOST page
+	 * whose frame is still a hole reads as zeros, so it is right either way).
+	 * The entries were created when the pages were taken, so this cannot
+	 * fail for lack of memory, and nobody saw the pages before we release
+	 * them.
+	 */
+	for (size_t i = 0; i < n; i++)
+		if (how(&b, i) == ZERO)
+			b.new[i] = hmm_pte_host();
+	hmm_busy_unlock(hmm, &b);
 	/*
 	 * Everything above was mapped without waking anyone: woken by the first
 	 * page, a thread-mode faulter would run ahead into the rest of the block
@@ -172,6 +193,6 @@ out:
 	 */
 	if (hmm->fault_mode == HMM_FAULT_THREAD)
 		hmm_uffd_wake(hmm->uffd, (void *)b.start, b.end - b.start);
-	hmm_rcu_read_unlock();
+	hmm_span_put(&s);
 	return ret;
 }

@@ -13,13 +13,28 @@
  *            devices and the library read and write; never registered with
  *            userfaultfd, so it never faults into us.
  *
+ *   device   a registered struct hmm_device, and the core's side of it
+ *            (struct hmm_devcore): its memory allocator and its id, which is
+ *            what a DEVICE page-table entry names.
+ *
  * Locks, in the order they nest (take a later one only while holding an
  * earlier one, never the reverse):
- *   1. hmm.lock         serialises changes to the region table (mmap, munmap,
+ *   1. hmm.dev_lock     serialises device registration and unregistration.
+ *   2. hmm.lock         serialises changes to the region table (mmap, munmap,
  *                       mprotect, fini). Never taken on a fault path.
- *   2. page-table directory locks (pt.h), taken inside hmm_pt_update().
+ *   3. busy pages       a page whose entry has HMM_PTE_BUSY is owned by the
+ *                       thread that set it (busy.c): it alone changes the
+ *                       page's state, copies its data and maps it anywhere.
+ *                       Waiting for busy pages is allowed only in ascending
+ *                       address order and only by a thread that holds no
+ *                       busy page above the one it waits for; holders of
+ *                       busy pages take further pages with try-lock only.
+ *   4. hmm.mig_lock     the asynchronous migration queue (leaf).
+ *   5. hmm_devmem.lock  a device's memory allocator (leaf; devmem.h).
+ *   6. page-table directory locks (pt.h), taken inside hmm_pt_update().
  * Fault paths take no lock of their own: they find regions in an RCU read
- * section (rcu.h) and change page states with hmm_pt_update().
+ * section (rcu.h), leave it, and own the pages they work on by making them
+ * busy; device callbacks are called with busy pages held and no lock.
  */
 #ifndef HMM_INTERNAL_H
 #define HMM_INTERNAL_H
@@ -31,6 +46,8 @@
 #include <stdint.h>
 
 #include "hmm.h"
+#include "hmm/device.h"
+#include "devmem.h"
 #include "pt.h"
 #include "rcu.h"
 #include "util.h"
@@ -60,7 +77,22 @@ struct hmm_counters {
 	_Atomic uint64_t cpu_faults;
 	_Atomic uint64_t cpu_pages_zeroed;
 	_Atomic uint64_t cpu_pages_mapped;
+	_Atomic uint64_t device_faults;
+	_Atomic uint64_t pages_to_device;
+	_Atomic uint64_t pages_to_host;
+	_Atomic uint64_t pages_device_to_device;
+	_Atomic uint64_t pages_zeroed_on_device;
+	_Atomic uint64_t pages_evicted;
 };
+
+/* The core's side of a registered device. */
+struct hmm_devcore {
+	struct hmm_device *dev;
+	unsigned int id;
+	struct hmm_devmem mem;			/* its memory, pages and LRU */
+};
+
+struct hmm_mig_job;				/* migrate.c */
 
 struct hmm {
 	int uffd;
@@ -76,6 +108,21 @@ struct hmm {
 	pthread_t fault_thread;			/* thread mode only */
 	int stop_fd;				/* eventfd: tells the fault thread to exit */
 	bool thread_running;
+
+	/* Devices by id (1..HMM_MAX_DEVICES); changed under dev_lock, read lock-free. */
+	pthread_mutex_t dev_lock;
+	_Atomic(struct hmm_devcore *) device[HMM_MAX_DEVICES + 1];
+
+	/* Waiting for busy pages (busy.c): a futex word and its waiter count. */
+	_Atomic uint32_t busy_wake;
+	_Atomic uint32_t busy_waiters;
+
+	/* Asynchronous migrations (migrate.c), run in order by one thread. */
+	pthread_mutex_t mig_lock;
+	pthread_cond_t mig_cond;
+	struct hmm_mig_job *mig_head, **mig_tail;
+	pthread_t mig_thread;
+	bool mig_running, mig_stop;
 
 	struct hmm_counters stat;
 };
@@ -94,12 +141,147 @@ static inline void *hmm_dma_addr(const struct hmm_region *r, uintptr_t addr)
 	return r->file->dma + r->offset + (addr - r->start);
 }
 
+static inline void hmm_count(_Atomic uint64_t *counter, uint64_t n)
+{
+	atomic_fetch_add_explicit(counter, n, memory_order_relaxed);
+}
+
+/*
+ * Where a stretch of pages lives, fixed while its pages are busy: the region
+ * geometry copied out of the RCU-protected table, with a reference on the
+ * memfd so its DMA view outlives a concurrent munmap of other pages.
+ */
+struct hmm_span {
+	uintptr_t start, end;			/* a part of one region */
+	uintptr_t region_start;			/* where that region starts */
+	struct hmm_memfd *file;
+	size_t offset;				/* of @start in @file */
+	int prot;
+};
+
+static inline char *hmm_span_dma(const struct hmm_span *s, uintptr_t addr)
+{
+	return s->file->dma + s->offset + (addr - s->start);
+}
+
 /* region.c */
 
 /* The region containing @addr, or NULL. Context: inside an RCU read section. */
 struct hmm_region *hmm_region_find(struct hmm *hmm, uintptr_t addr);
 /* Unmaps and frees every region. Context: hmm_fini(), no concurrent users. */
 void hmm_region_destroy_all(struct hmm *hmm);
+
+/*
+ * Fills @s for the part of [@start, @end) that the region holding @start
+ * covers (s->end may be below @end), taking a memfd reference.
+ * Return: 0; -EFAULT @start is not libhmm memory.
+ */
+int hmm_span_get(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_span *s);
+void hmm_span_put(struct hmm_span *s);
+/*
+ * Is [s->start, s->end) still mapped as @s says? Call with its pages busy:
+ * then the answer stays true until they are released. Refreshes s->prot.
+ */
+bool hmm_span_valid(struct hmm *hmm, struct hmm_span *s);
+
+/* busy.c: owning pages (lock 3 above) */
+
+#define HMM_BATCH_PAGES	512		/* most pages one lock/unlock call covers */
+
+struct hmm_busy {
+	uintptr_t start, end;			/* at most HMM_BATCH_PAGES pages */
+	hmm_pte_t old[HMM_BATCH_PAGES];		/* entries when taken, BUSY clear */
+	hmm_pte_t new[HMM_BATCH_PAGES];		/* entries to release them with */
+	uint64_t taken[HMM_BATCH_PAGES / 64];	/* pages this owner holds */
+};
+
+static inline size_t hmm_busy_index(const struct hmm_busy *b, uintptr_t addr)
+{
+	return (addr - b->start) >> HMM_PAGE_SHIFT;
+}
+
+static inline bool hmm_busy_taken(const struct hmm_busy *b, size_t i)
+{
+	return b->taken[i / 64] & (1ull << (i % 64));
+}
+
+/*
+ * Takes every page of [b->start, b->end) busy, in ascending order, waiting
+ * for pages others hold. Sets b->old and b->taken, and b->new = b->old.
+ * Return: 0; -ENOMEM (nothing held).
+ */
+int hmm_busy_lock(struct hmm *hmm, struct hmm_busy *b);
+/*
+ * Takes the pages of [b->start, b->end) that nobody holds; never waits.
+ * Return: 0 (see b->taken); -ENOMEM (nothing held).
+ */
+int hmm_busy_trylock(struct hmm *hmm, struct hmm_busy *b);
+/* Releases the taken pages with their b->new entries; wakes waiters. */
+void hmm_busy_unlock(struct hmm *hmm, struct hmm_busy *b);
+/* Waits until the page at @addr is not busy. */
+void hmm_busy_wait(struct hmm *hmm, uintptr_t addr);
+/* Wakes every waiter: call after clearing BUSY by other means (hmm_pt_clear). */
+void hmm_busy_wake_all(struct hmm *hmm);
+/*
+ * Takes [start, end) busy for an unmap, in ascending order, waiting; entries
+ * not recorded. Return: 0; -ENOMEM (nothing held).
+ */
+int hmm_busy_lock_range(struct hmm *hmm, uintptr_t start, uintptr_t end);
+/* Releases pages taken by hmm_busy_lock_range() unchanged. */
+void hmm_busy_unlock_range(struct hmm *hmm, uintptr_t start, uintptr_t end);
+
+/* device.c */
+
+/* The device with @id, or NULL. Lock-free; valid while a page naming it is busy. */
+static inline struct hmm_devcore *hmm_devcore(struct hmm *hmm, unsigned int id)
+{
+	return atomic_load_explicit(&hmm->device[id], memory_order_acquire);
+}
+/* The registered device behind @dev, or NULL. */
+struct hmm_devcore *hmm_devcore_of(struct hmm *hmm, const struct hmm_device *dev);
+/* Calls fence->ops->wait until it stops returning -EAGAIN; drops the reference. */
+int hmm_fence_wait_put(struct hmm_fence *fence);
+/* Unregisters every device (hmm_fini(): the regions are gone already). */
+void hmm_device_release_all(struct hmm *hmm);
+
+/* migrate.c */
+
+/*
+ * Moves the taken pages of @b, which lie in @span, to device @to (NULL: the
+ * host) in the three phases of DESIGN.md §4; only those on device @from when
+ * @from is given. On return b->new holds each
+ * page's entry to release it with: its new place, or its old one for pages
+ * that failed (their data intact where it was). Pages stay busy.
+ * @owner: the device whose request this is (events name it), or NULL.
+ * Return: 0; the first -errno a page failed with.
+ */
+int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
+		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner);
+/*
+ * Drops every device mapping of the taken DEVICE pages of @b for @type
+ * (MUNMAP, MIGRATE, PROTECT) and waits for the fences.
+ */
+void hmm_drop_device_entries(struct hmm *hmm, struct hmm_busy *b, enum hmm_event_type type,
+			     const struct hmm_device *owner);
+/*
+ * Every page of [start, end) is libhmm memory whose protection has
+ * @need_prot? Return: 0; -EFAULT; -EACCES.
+ */
+int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot);
+/*
+ * For the busy pages of [start, end) on devices: sends @type (MUNMAP or
+ * PROTECT) to each device holding them and waits; for MUNMAP also frees their
+ * device frames (the caller then clears the entries).
+ */
+void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
+			      enum hmm_event_type type);
+/*
+ * Makes room on @dc by evicting its least recently used chunk to the host.
+ * @wait: the caller holds no busy page and waits for busy ones; otherwise
+ * busy pages are skipped. Return: pages evicted.
+ */
+size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait);
+void hmm_migrate_stop(struct hmm *hmm);
 
 /* fault.c */
 

@@ -4,35 +4,68 @@
  * every transition between states, with who makes it. This is the one place
  * it is written; the code that makes a transition names its row.
  *
- * A page's state is its logical page-table entry (encoding in pt.h). Changes
- * are made with hmm_pt_update(), so each transition is atomic per page with
- * respect to every other transition.
+ * A page's state is its logical page-table entry (encoding in pt.h). Every
+ * transition is made by the page's owner: the thread that took it busy
+ * (HMM_PTE_BUSY, busy.c), which releases it with the new entry. Only the
+ * owner copies the page's data or maps it into the CPU view or a device, so
+ * no two transitions of a page ever overlap.
  *
  * States in use:
  *
- *   EMPTY   never touched (no entry). The memfd has a hole; a CPU access
- *           raises MISSING and the page reads as zeros.
- *   HOST    the data is in the host frame (the memfd page), or the frame is
- *           still a hole and the page reads as zeros. The CPU view may or may
- *           not map it: if not, a CPU access raises MINOR (or MISSING for a
- *           hole) and the frame is mapped back with UFFDIO_CONTINUE (or
- *           zero-filled), data intact.
+ *   EMPTY      never touched (no entry). The memfd has a hole; a CPU access
+ *              raises MISSING and the page reads as zeros.
+ *   HOST       the data is in the host frame (the memfd page), or the frame
+ *              is still a hole and the page reads as zeros. The CPU view may
+ *              or may not map it: if not, a CPU access raises MINOR (or
+ *              MISSING for a hole) and the frame is mapped back with
+ *              UFFDIO_CONTINUE (or zero-filled), data intact. No device maps
+ *              it (devices map only their own memory for now).
+ *   DEVICE(d)  the only valid copy is device d's frame (entry: device,
+ *              frame). The host frame is kept but stale, and the CPU view
+ *              does not map it, so a CPU access faults (MINOR, or MISSING if
+ *              the page went to the device never touched). Device d may map
+ *              it; no other device does.
+ *   + BUSY     an owner is working on the page; everyone else waits (CPU
+ *              faults, device faults, migrations, munmap) or, if they hold
+ *              pages already, skips it (fault-around, eviction).
  *
- * Transitions:
+ * Transitions (the owner has taken the page busy first):
  *
- *   from    to      who                      how
- *   ------  ------  -----------------------  ---------------------------------
- *   EMPTY   HOST    CPU fault (fault.c)      entry set first, for the whole
- *                                            fault-around block; then frames
- *                                            zero-filled and mapped by
- *                                            UFFDIO_ZEROPAGE
- *   any     EMPTY   hmm_munmap (region.c)    CPU view unregistered and
- *                                            unmapped, entry cleared, frame
- *                                            punched out of the memfd
+ *   from       to         who                      how
+ *   ---------  ---------  -----------------------  ----------------------------
+ *   EMPTY      HOST       CPU fault (fault.c)      zero-filled and mapped with
+ *                                                  UFFDIO_ZEROPAGE, then the
+ *                                                  entry released as HOST
+ *   EMPTY      DEVICE(d)  hmm_migrate, device      frame allocated on d and
+ *                         fault (migrate.c)        zero-filled there; the host
+ *                                                  frame stays a hole
+ *   HOST       DEVICE(d)  hmm_migrate, device      CPU view zapped (MADV_
+ *                         fault                    DONTNEED), frame allocated
+ *                                                  on d, copied through the DMA
+ *                                                  view
+ *   DEVICE(d)  HOST       CPU fault, hmm_migrate,  d's entries dropped
+ *                         eviction, device         (update(MIGRATE) + fence),
+ *                         unregister               copied into the host frame,
+ *                                                  d's frame freed; a CPU fault
+ *                                                  then maps it with CONTINUE
+ *   DEVICE(d)  DEVICE(e)  hmm_migrate, device      d's entries dropped, copied
+ *                         fault of e               by e (or through the host
+ *                                                  frame), d's frame freed
+ *   DEVICE(d)  DEVICE(d)  device fault of d        update(MAP): d maps it
+ *   any        (same)     a failed copy or         the entry it was taken with:
+ *                         allocation               data where it was
+ *   any        EMPTY      hmm_munmap (region.c)    devices' entries dropped
+ *                                                  (update(MUNMAP)), device
+ *                                                  frames freed, CPU view
+ *                                                  unregistered and unmapped,
+ *                                                  entry cleared, host frame
+ *                                                  punched out of the memfd
+ *   DEVICE(d)  DEVICE(d)  hmm_mprotect             update(PROTECT): d faults
+ *                                                  again and is mapped with the
+ *                                                  new permission
  *
- * The states DEVICE, SHARED, EXCLUSIVE and LOCKED and the BUSY flag are
- * defined in pt.h for the device work; rows for them are added here with the
- * code that makes them.
+ * The states SHARED, EXCLUSIVE and LOCKED are defined in pt.h for the mirror
+ * work; rows for them are added here with the code that makes them.
  */
 #ifndef HMM_PAGE_STATE_H
 #define HMM_PAGE_STATE_H

@@ -46,6 +46,48 @@ struct hmm_region *hmm_region_find(struct hmm *hmm, uintptr_t addr)
 	return NULL;
 }
 
+int hmm_span_get(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_span *s)
+{
+	struct hmm_region *r;
+
+	hmm_rcu_read_lock();
+	r = hmm_region_find(hmm, start);
+	if (r) {
+		s->start = start;
+		s->end = r->end < end ? r->end : end;
+		s->region_start = r->start;
+		s->file = r->file;
+		s->offset = r->offset + (start - r->start);
+		s->prot = r->prot;
+		/* The table holds a reference until a grace period after it drops r. */
+		atomic_fetch_add(&r->file->refs, 1);
+	}
+	hmm_rcu_read_unlock();
+	return r ? 0 : -EFAULT;
+}
+
+static void file_put(struct hmm_memfd *f);
+
+void hmm_span_put(struct hmm_span *s)
+{
+	file_put(s->file);
+}
+
+bool hmm_span_valid(struct hmm *hmm, struct hmm_span *s)
+{
+	struct hmm_region *r;
+	bool ok;
+
+	hmm_rcu_read_lock();
+	r = hmm_region_find(hmm, s->start);
+	ok = r && r->file == s->file && r->end >= s->end &&
+	     r->offset + (s->start - r->start) == s->offset;
+	if (ok)
+		s->prot = r->prot;
+	hmm_rcu_read_unlock();
+	return ok;
+}
+
 static struct hmm_region_table *table_alloc(size_t nr)
 {
 	struct hmm_region_table *t = malloc(sizeof(*t) + nr * sizeof(t->region[0]));
@@ -271,12 +313,17 @@ fail:
 	return NULL;
 }
 
-/* Tears down the part [s, e) of old region @r that left the table. */
+/*
+ * Tears down the part [s, e) of old region @r that left the table. Its pages
+ * are busy (ours), so no fault or migration touches them meanwhile.
+ */
 static void unmap_part(struct hmm *hmm, struct hmm_region *r, uintptr_t s, uintptr_t e)
 {
+	hmm_release_device_pages(hmm, s, e, HMM_EVENT_MUNMAP);
 	hmm_uffd_unregister(hmm->uffd, (void *)s, e - s);
 	munmap((void *)s, e - s);
-	hmm_pt_clear(&hmm->pt, s, e, NULL);
+	hmm_pt_clear(&hmm->pt, s, e, NULL);	/* EMPTY, and no longer busy */
+	hmm_busy_wake_all(hmm);
 	fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 		  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
 }
@@ -296,8 +343,10 @@ static void release_replaced(struct hmm_region_table *old, uintptr_t start, uint
 
 /*
  * The common body of munmap (@new_prot < 0) and mprotect: every page of
- * [start, end) must be libhmm's; cut the regions, apply the change, publish,
- * and tear down what only the old table described.
+ * [start, end) must be libhmm's; take its pages busy, so no fault or
+ * migration is working on them; cut the regions, apply the change, publish,
+ * drop the device entries the change invalidates, and tear down what only the
+ * old table described.
  */
 static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot)
 {
@@ -315,12 +364,23 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 		ret = -ENOMEM;
 		goto out;
 	}
+	ret = hmm_busy_lock_range(hmm, start, end);
+	if (ret) {
+		table_discard(t, old);
+		goto out;
+	}
 	if (new_prot >= 0 && mprotect((void *)start, end - start, new_prot) < 0) {
 		ret = -errno;
+		hmm_busy_unlock_range(hmm, start, end);
 		table_discard(t, old);
 		goto out;
 	}
 	table_publish(hmm, t);
+	if (new_prot >= 0) {
+		/* Devices map pages with the old permission: make them fault again. */
+		hmm_release_device_pages(hmm, start, end, HMM_EVENT_PROTECT);
+		hmm_busy_unlock_range(hmm, start, end);
+	}
 	for (size_t i = 0; i < old->nr && new_prot < 0; i++) {
 		struct hmm_region *r = old->region[i];
 		uintptr_t s = r->start > start ? r->start : start;
@@ -361,7 +421,7 @@ void hmm_region_destroy_all(struct hmm *hmm)
 	for (size_t i = 0; i < old->nr; i++) {
 		struct hmm_region *r = old->region[i];
 
-		unmap_part(hmm, r, r->start, r->end);
+		unmap_part(hmm, r, r->start, r->end);	/* nobody else runs now */
 		file_put(r->file);
 		free(r);
 	}

@@ -24,7 +24,7 @@ struct fake_backend {
 	atomic_bool in_use[MAX_CHUNKS];
 };
 
-static int fake_alloc(void *ctx, void **handle)
+static int fake_alloc(void *ctx, uint64_t *handle)
 {
 	struct fake_backend *b = ctx;
 
@@ -32,7 +32,7 @@ static int fake_alloc(void *ctx, void **handle)
 		bool expected = false;
 
 		if (atomic_compare_exchange_strong(&b->in_use[i], &expected, true)) {
-			*handle = (void *)(uintptr_t)(i + 1);
+			*handle = (uint64_t)(i + 1) << 21;
 			atomic_fetch_add(&b->live, 1);
 			atomic_fetch_add(&b->allocs, 1);
 			return 0;
@@ -41,10 +41,10 @@ static int fake_alloc(void *ctx, void **handle)
 	return -ENOMEM;
 }
 
-static void fake_free(void *ctx, void *handle)
+static void fake_free(void *ctx, uint64_t handle)
 {
 	struct fake_backend *b = ctx;
-	unsigned int i = (unsigned int)(uintptr_t)handle - 1;
+	unsigned int i = (unsigned int)(handle >> 21) - 1;
 
 	CHECK(i < b->capacity && atomic_load(&b->in_use[i]));
 	atomic_store(&b->in_use[i], false);
@@ -126,8 +126,7 @@ static void lru_chunk_is_least_recently_used(void)
 	static uint64_t c[3][CP];
 	uint64_t frames[CP];
 	uintptr_t owners[CP];
-	void *handle;
-	unsigned int page;
+	uint64_t addr;
 
 	setup(4);
 	for (int i = 0; i < 3; i++)
@@ -138,12 +137,12 @@ static void lru_chunk_is_least_recently_used(void)
 	CHECK_EQ(hmm_devmem_lru_chunk(&dm, frames, owners), CP);
 	CHECK_EQ_U64(owners[0], 0x80000000ul);
 	CHECK_EQ_U64(frames[5], c[1][5]);
-	/* The backend sees its own handle for a frame. */
-	CHECK_EQ(hmm_devmem_frame_chunk(&dm, c[1][5], &handle, &page), 0);
-	CHECK_EQ(page, c[1][5] % CP);
-	CHECK(handle != NULL);
+	/* The backend sees its chunk's address plus the page's offset. */
+	CHECK_EQ(hmm_devmem_frame_addr(&dm, &c[1][5], 1, &addr), 0);
+	CHECK_EQ_U64(addr & 0xfffff, (c[1][5] % CP) << 12);
+	CHECK(addr >> 21 >= 1 && addr >> 21 <= 4);
 	hmm_devmem_free(&dm, c[1], CP);
-	CHECK_EQ(hmm_devmem_frame_chunk(&dm, c[1][5], &handle, &page), -ENOENT);
+	CHECK_EQ(hmm_devmem_frame_addr(&dm, &c[1][5], 1, &addr), -ENOENT);
 	CHECK_EQ(hmm_devmem_lru_chunk(&dm, frames, owners), CP);
 	CHECK_EQ_U64(owners[0], 0xc0000000ul);
 	hmm_devmem_free(&dm, c[0], CP);

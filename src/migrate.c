@@ -1,0 +1,772 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Migration: moving pages between host memory and device memory, in the
+ * three phases of DESIGN.md §4 (the kernel's migrate_vma_setup / _pages /
+ * _finalize):
+ *
+ *   1. collect   the caller has taken the pages busy (busy.c); each page's
+ *                mappings are dropped: the CPU view's PTE for a host page
+ *                going to a device, the source device's entries for a device
+ *                page (update(MIGRATE), all fences waited for together);
+ *   2. copy      destination frames are allocated (evicting least recently
+ *                used chunks of a full device) and the data copied, each
+ *                group of pages by one copy() call, all fences waited for
+ *                together;
+ *   3. commit    each page that was copied gets its new entry and its old
+ *                device frame is freed; a page whose copy failed keeps its
+ *                old entry and its data where it was, and gives back the frame
+ *                allocated for it.
+ *
+ * Host frames are kept while a page lives on a device (page_state.h, DEVICE):
+ * on this kernel allocating a shmem page costs ~2.3 us, six times a 4 KiB
+ * memcpy, so freeing host frames on the way out and allocating them again on
+ * the way back would make every migration several times slower than copying.
+ * The frame is freed by hmm_munmap(), like the rest of the memfd.
+ *
+ * Everything here runs with busy pages held and no lock, so it may be called
+ * from a CPU fault (in signal mode, from the SIGBUS handler: no malloc on the
+ * paths a CPU fault takes, which are moves to the host).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "internal.h"
+#include "page_state.h"
+
+#define MAX_FENCES 16
+
+/* Fences collected from several calls, waited for together. */
+struct fence_set {
+	struct hmm_fence *fence[MAX_FENCES];
+	int owner[MAX_FENCES];		/* caller's tag: which group the fence covers */
+	unsigned int nr;
+};
+
+/* Waits for every fence; records the first error of each tag in @err (may be NULL). */
+static void fences_wait(struct fence_set *fs, int *err)
+{
+	for (unsigned int i = 0; i < fs->nr; i++) {
+		int ret = hmm_fence_wait_put(fs->fence[i]);
+
+		if (ret && err && !err[fs->owner[i]])
+			err[fs->owner[i]] = ret;
+	}
+	fs->nr = 0;
+}
+
+static void fences_add(struct fence_set *fs, struct hmm_fence *f, int tag, int *err)
+{
+	if (!f)
+		return;
+	if (fs->nr == MAX_FENCES)
+		fences_wait(fs, err);
+	fs->fence[fs->nr] = f;
+	fs->owner[fs->nr++] = tag;
+}
+
+/* ---- Phase 1 helpers: dropping mappings ----------------------------------- */
+
+static bool is_on(hmm_pte_t e, unsigned int id)
+{
+	return hmm_pte_state(e) == HMM_PTE_DEVICE && (!id || hmm_pte_device(e) == id);
+}
+
+/*
+ * Sends @type for the pages of @b selected by @mask to every device holding
+ * one, one event per device spanning its pages, and waits for all fences. A
+ * span may cover pages the device does not map or that are not moving: a
+ * drop is always safe, it costs at most a refault.
+ */
+static void drop_devices(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask,
+			 enum hmm_event_type type, const struct hmm_device *owner)
+{
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+	uint64_t done[HMM_BATCH_PAGES / 64] = { 0 };
+	struct fence_set fs = { .nr = 0 };
+
+	for (size_t i = 0; i < n; i++) {
+		unsigned int id;
+		size_t first = i, last = i;
+		struct hmm_devcore *dc;
+		struct hmm_fence *f = NULL;
+
+		if (!(mask[i / 64] & (1ull << (i % 64))) || (done[i / 64] & (1ull << (i % 64))) ||
+		    hmm_pte_state(b->old[i]) != HMM_PTE_DEVICE)
+			continue;
+		id = hmm_pte_device(b->old[i]);
+		for (size_t j = i; j < n; j++) {
+			if ((mask[j / 64] & (1ull << (j % 64))) && is_on(b->old[j], id)) {
+				done[j / 64] |= 1ull << (j % 64);
+				last = j;
+			}
+		}
+		dc = hmm_devcore(hmm, id);
+		hmm_assert(dc);
+		struct hmm_event ev = {
+			.type = type,
+			.start = b->start + (first << HMM_PAGE_SHIFT),
+			.end = b->start + ((last + 1) << HMM_PAGE_SHIFT),
+			.owner = owner,
+		};
+		dc->dev->ops->update(dc->dev, &ev, &f);
+		fences_add(&fs, f, 0, NULL);
+	}
+	fences_wait(&fs, NULL);
+}
+
+void hmm_drop_device_entries(struct hmm *hmm, struct hmm_busy *b, enum hmm_event_type type,
+			     const struct hmm_device *owner)
+{
+	drop_devices(hmm, b, b->taken, type, owner);
+}
+
+/* Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault. */
+static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
+{
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+
+	for (size_t i = 0; i < n;) {
+		size_t j;
+
+		if (!(mask[i / 64] & (1ull << (i % 64)))) {
+			i++;
+			continue;
+		}
+		for (j = i + 1; j < n && (mask[j / 64] & (1ull << (j % 64))); j++)
+			;
+		/* No uffd event: the core does not ask for REMOVE events. */
+		madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
+			MADV_DONTNEED);
+		i = j;
+	}
+}
+
+/* ---- The move ------------------------------------------------------------- */
+
+enum how {
+	STAY,		/* not taken, or already where it should be */
+	ZERO,		/* EMPTY -> device: zero-filled there */
+	FROM_HOST,	/* HOST -> device */
+	FROM_DEVICE,	/* DEVICE(d) -> host or another device */
+};
+
+struct move {
+	struct hmm *hmm;
+	const struct hmm_span *span;
+	struct hmm_busy *b;
+	struct hmm_devcore *to;
+	size_t n;
+	uint8_t how[HMM_BATCH_PAGES];
+	int err[HMM_BATCH_PAGES];	/* per page: 0 or why it stays */
+	uint64_t frame[HMM_BATCH_PAGES];	/* destination frames (device target) */
+	uint64_t allocated[HMM_BATCH_PAGES / 64];	/* which frame[] are ours */
+	uint64_t dst[HMM_BATCH_PAGES], src[HMM_BATCH_PAGES];
+	uint16_t idx[HMM_BATCH_PAGES];	/* page index of each dst/src slot */
+};
+
+static uintptr_t page_addr(const struct move *m, size_t i)
+{
+	return m->b->start + (i << HMM_PAGE_SHIFT);
+}
+
+static bool is_set(const uint64_t *mask, size_t i)
+{
+	return mask[i / 64] & (1ull << (i % 64));
+}
+
+static void set_bit(uint64_t *mask, size_t i)
+{
+	mask[i / 64] |= 1ull << (i % 64);
+}
+
+/* Allocates destination frames for every page that needs one, evicting as needed. */
+static void alloc_frames(struct move *m)
+{
+	struct hmm_devcore *to = m->to;
+
+	for (size_t i = 0; i < m->n;) {
+		size_t j;
+		int ret, tries = 0;
+
+		if (m->how[i] == STAY) {
+			i++;
+			continue;
+		}
+		for (j = i + 1; j < m->n && m->how[j] != STAY; j++)
+			;
+		while ((ret = hmm_devmem_alloc(&to->mem, page_addr(m, i), j - i, &m->frame[i])) ==
+		       -ENOMEM) {
+			/*
+			 * Full: evict the least recently used chunk. Pages that
+			 * cannot be evicted now (busy, ours included) are skipped
+			 * and their chunk made most recent, so each try looks at
+			 * another chunk; after every chunk has had its turn, give
+			 * up.
+			 */
+			if (tries++ > (int)hmm_devmem_chunks(&to->mem) + 1)
+				break;
+			hmm_evict(m->hmm, to, false);
+		}
+		for (size_t k = i; k < j; k++) {
+			if (ret)
+				m->err[k] = ret;
+			else
+				set_bit(m->allocated, k);
+		}
+		i = j;
+	}
+}
+
+/*
+ * Issues one copy on @dev for the slots [0, nr) in m->dst/m->src, tagging the
+ * fence with group @tag; on an immediate error marks the group's pages.
+ */
+static int issue_copy(struct move *m, struct hmm_device *dev, struct hmm_copy *c, size_t nr,
+		      int tag, struct fence_set *fs, int *group_err)
+{
+	struct hmm_fence *f = NULL;
+	int ret;
+
+	c->npages = nr;
+	ret = dev->ops->copy(dev, c, &f);
+	if (ret) {
+		hmm_assert(!f);
+		group_err[tag] = ret;
+		return ret;
+	}
+	fences_add(fs, f, tag, group_err);
+	return 0;
+}
+
+/* Device frame addresses of the device-side pages of slots [0, nr). */
+static int device_addrs(struct hmm_devcore *dc, const uint64_t *frames, size_t nr, uint64_t *out)
+{
+	return hmm_devmem_frame_addr(&dc->mem, frames, nr, out);
+}
+
+/*
+ * Phase 2's copies. Pages are grouped by where they come from (zero, host,
+ * each source device); each group is one copy() call; all fences are waited
+ * for at the end. A failed group marks its pages.
+ */
+static void copy_pages(struct move *m)
+{
+	struct hmm_devcore *to = m->to;
+	struct fence_set fs = { .nr = 0 };
+	uint64_t frames[HMM_BATCH_PAGES];
+	/* Groups: 0 zero, 1 host, 2.. a source device each (tag = 2 + k). */
+	int group_err[2 + MAX_FENCES] = { 0 };
+	unsigned int src_ids[MAX_FENCES], nr_src = 0;
+	size_t nr;
+
+	/* Which source devices take part. */
+	for (size_t i = 0; i < m->n; i++) {
+		unsigned int id, k;
+
+		if (m->how[i] != FROM_DEVICE || m->err[i])
+			continue;
+		id = hmm_pte_device(m->b->old[i]);
+		for (k = 0; k < nr_src && src_ids[k] != id; k++)
+			;
+		if (k == nr_src && nr_src < MAX_FENCES)
+			src_ids[nr_src++] = id;
+	}
+
+	if (to) {
+		/* Zero-fill and host -> device, on the destination. */
+		for (int g = 0; g < 2; g++) {
+			enum how want = g == 0 ? ZERO : FROM_HOST;
+			struct hmm_copy c = { .dst_device = to->dev };
+
+			nr = 0;
+			for (size_t i = 0; i < m->n; i++) {
+				if (m->how[i] != want || m->err[i])
+					continue;
+				frames[nr] = m->frame[i];
+				m->src[nr] = (uint64_t)(uintptr_t)hmm_span_dma(m->span, page_addr(m, i));
+				m->idx[nr++] = (uint16_t)i;
+			}
+			if (!nr)
+				continue;
+			if (device_addrs(to, frames, nr, m->dst)) {
+				group_err[g] = -EIO;
+				continue;
+			}
+			c.dst = m->dst;
+			c.src = want == ZERO ? NULL : m->src;
+			issue_copy(m, to->dev, &c, nr, g, &fs, group_err);
+			fences_wait(&fs, group_err);	/* dst/src are reused below */
+		}
+	}
+
+	for (unsigned int k = 0; k < nr_src; k++) {
+		struct hmm_devcore *from = hmm_devcore(m->hmm, src_ids[k]);
+		struct hmm_copy c = { .src_device = from->dev, .dst_device = to ? to->dev : NULL };
+		int tag = 2 + (int)k;
+
+		nr = 0;
+		for (size_t i = 0; i < m->n; i++) {
+			if (m->how[i] != FROM_DEVICE || m->err[i] ||
+			    hmm_pte_device(m->b->old[i]) != src_ids[k])
+				continue;
+			frames[nr] = hmm_pte_frame(m->b->old[i]);
+			m->idx[nr++] = (uint16_t)i;
+		}
+		if (!nr || device_addrs(from, frames, nr, m->src)) {
+			if (nr)
+				group_err[tag] = -EIO;
+			continue;
+		}
+		c.src = m->src;
+		if (!to) {
+			for (size_t s = 0; s < nr; s++)
+				m->dst[s] = (uint64_t)(uintptr_t)hmm_span_dma(m->span,
+									 page_addr(m, m->idx[s]));
+			c.dst = m->dst;
+			issue_copy(m, from->dev, &c, nr, tag, &fs, group_err);
+		} else {
+			for (size_t s = 0; s < nr; s++)
+				frames[s] = m->frame[m->idx[s]];
+			if (device_addrs(to, frames, nr, m->dst)) {
+				group_err[tag] = -EIO;
+				continue;
+			}
+			c.dst = m->dst;
+			if (issue_copy(m, to->dev, &c, nr, tag, &fs, group_err) == -EOPNOTSUPP) {
+				/*
+				 * The destination cannot reach the source: go through
+				 * the pages' host frames, which a DEVICE page keeps
+				 * and whose stale contents nobody reads.
+				 */
+				uint64_t host[HMM_BATCH_PAGES];
+				struct hmm_copy down = { .src_device = from->dev, .src = m->src,
+							 .dst = host };
+				struct hmm_copy up = { .dst_device = to->dev, .dst = m->dst,
+						       .src = host };
+
+				group_err[tag] = 0;
+				for (size_t s = 0; s < nr; s++)
+					host[s] = (uint64_t)(uintptr_t)hmm_span_dma(
+						m->span, page_addr(m, m->idx[s]));
+				if (!issue_copy(m, from->dev, &down, nr, tag, &fs, group_err)) {
+					fences_wait(&fs, group_err);
+					if (!group_err[tag])
+						issue_copy(m, to->dev, &up, nr, tag, &fs, group_err);
+				}
+			}
+		}
+		fences_wait(&fs, group_err);	/* m->src/m->dst are reused */
+		for (size_t s = 0; s < nr && group_err[tag]; s++)
+			m->err[m->idx[s]] = group_err[tag];
+	}
+	fences_wait(&fs, group_err);
+
+	/* Mark failed zero/host groups. */
+	for (size_t i = 0; i < m->n; i++) {
+		if (m->err[i])
+			continue;
+		if (m->how[i] == ZERO && group_err[0])
+			m->err[i] = group_err[0];
+		else if (m->how[i] == FROM_HOST && group_err[1])
+			m->err[i] = group_err[1];
+	}
+}
+
+int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
+		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner)
+{
+	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
+	unsigned int to_id = to ? to->id : 0;
+	bool any = false;
+	int ret = 0;
+	/*
+	 * ~16 KiB, on the stack of whoever migrates, which for a CPU fault in
+	 * signal mode is the faulting thread's: no malloc in a signal handler.
+	 */
+	struct move mv, *m = &mv;
+
+	memset(m->allocated, 0, sizeof(m->allocated));
+	m->hmm = hmm;
+	m->span = span;
+	m->b = b;
+	m->to = to;
+	m->n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+
+	/* Phase 1: decide, and drop every mapping of what moves. */
+	for (size_t i = 0; i < m->n; i++) {
+		hmm_pte_t e = b->old[i];
+		enum hmm_pte_state st = hmm_pte_state(e);
+
+		m->how[i] = STAY;
+		m->err[i] = 0;
+		if (!hmm_busy_taken(b, i))
+			continue;
+		if (from && !is_on(e, from->id))
+			continue;
+		if (st == HMM_PTE_DEVICE && hmm_pte_device(e) != to_id) {
+			m->how[i] = FROM_DEVICE;
+			set_bit(drop, i);
+		} else if (to && st == HMM_PTE_EMPTY) {
+			m->how[i] = ZERO;
+		} else if (to && st == HMM_PTE_HOST) {
+			m->how[i] = FROM_HOST;
+			set_bit(zap, i);
+		} else if (to && st == HMM_PTE_DEVICE) {
+			hmm_devmem_touch(&to->mem, (uint64_t[]){ hmm_pte_frame(e) }, 1);
+		}
+		any |= m->how[i] != STAY;
+	}
+	if (!any)
+		return 0;
+	drop_devices(hmm, b, drop, HMM_EVENT_MIGRATE, owner);
+	zap_cpu(b, zap);
+
+	/* Phase 2: destination frames, then the copies. */
+	if (to)
+		alloc_frames(m);
+	copy_pages(m);
+
+	/* Phase 3: commit what was copied, give back what was not. */
+	for (size_t i = 0; i < m->n; i++) {
+		hmm_pte_t e = b->old[i];
+		uint64_t flags = e & (HMM_PTE_DIRTY | HMM_PTE_WRITE);
+
+		if (m->how[i] == STAY)
+			continue;
+		if (m->err[i]) {
+			if (is_set(m->allocated, i))
+				hmm_devmem_free(&to->mem, &m->frame[i], 1);
+			if (!ret)
+				ret = m->err[i];
+			continue;	/* b->new[i] stays the old entry */
+		}
+		if (m->how[i] == FROM_DEVICE) {
+			struct hmm_devcore *src = hmm_devcore(hmm, hmm_pte_device(e));
+			uint64_t f = hmm_pte_frame(e);
+
+			hmm_devmem_free(&src->mem, &f, 1);
+			hmm_count(to ? &hmm->stat.pages_device_to_device : &hmm->stat.pages_to_host, 1);
+		} else {
+			hmm_count(m->how[i] == ZERO ? &hmm->stat.pages_zeroed_on_device :
+						      &hmm->stat.pages_to_device, 1);
+		}
+		b->new[i] = to ? hmm_pte_make(HMM_PTE_DEVICE, to_id, m->frame[i], flags) :
+				 hmm_pte_make(HMM_PTE_HOST, 0, 0, flags);
+	}
+	return ret;
+}
+
+void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
+			      enum hmm_event_type type)
+{
+	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+	struct hmm_busy b;
+
+	for (uintptr_t a = start; a < end; a = b.end) {
+		bool any = false;
+
+		b.start = a;
+		b.end = end - a > batch ? a + batch : end;
+		memset(b.taken, 0, sizeof(b.taken));
+		for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++) {
+			b.old[i] = hmm_pt_lookup(&hmm->pt, a + (i << HMM_PAGE_SHIFT)) & ~HMM_PTE_BUSY;
+			if (hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE) {
+				set_bit(b.taken, i);
+				any = true;
+			}
+		}
+		if (!any)
+			continue;
+		drop_devices(hmm, &b, b.taken, type, NULL);
+		for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT) && type == HMM_EVENT_MUNMAP;
+		     i++) {
+			uint64_t f = hmm_pte_frame(b.old[i]);
+
+			if (is_set(b.taken, i))
+				hmm_devmem_free(&hmm_devcore(hmm, hmm_pte_device(b.old[i]))->mem, &f, 1);
+		}
+	}
+}
+
+/* ---- Eviction --------------------------------------------------------------- */
+
+static int cmp_owner(const void *a, const void *b)
+{
+	uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Moves the pages of [start, end) that are on @dc to the host. @wait: take
+ * the pages with hmm_busy_lock() (the caller holds no busy page) rather than
+ * skipping busy ones. Return: pages moved.
+ */
+static size_t evict_window(struct hmm *hmm, struct hmm_devcore *dc, uintptr_t start,
+			   uintptr_t end, bool wait)
+{
+	size_t moved = 0;
+
+	while (start < end) {
+		struct hmm_span s;
+		struct hmm_busy b;
+
+		if (hmm_span_get(hmm, start, end, &s)) {
+			start += HMM_PAGE_SIZE;	/* being unmapped: its frames go with it */
+			continue;
+		}
+		b.start = start;
+		b.end = s.end;
+		if ((wait ? hmm_busy_lock(hmm, &b) : hmm_busy_trylock(hmm, &b)) == 0) {
+			if (hmm_span_valid(hmm, &s)) {
+				hmm_move_pages(hmm, &s, &b, NULL, dc, NULL);
+				for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++)
+					moved += hmm_busy_taken(&b, i) && b.new[i] != b.old[i];
+			}
+			hmm_busy_unlock(hmm, &b);
+		}
+		start = s.end;
+		hmm_span_put(&s);
+	}
+	return moved;
+}
+
+size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
+{
+	uint64_t frames[HMM_DEVMEM_CHUNK_PAGES];
+	uintptr_t owners[HMM_DEVMEM_CHUNK_PAGES];
+	size_t n = hmm_devmem_lru_chunk(&dc->mem, frames, owners), moved = 0;
+
+	if (!n)
+		return 0;
+	qsort(owners, n, sizeof(owners[0]), cmp_owner);
+	for (size_t i = 0; i < n;) {
+		uintptr_t start = owners[i], end = start + HMM_PAGE_SIZE;
+		size_t j = i + 1;
+
+		/* A window: owners ascending, at most a batch, starting at the first. */
+		while (j < n && owners[j] < start + ((uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT))
+			end = owners[j++] + HMM_PAGE_SIZE;
+		moved += evict_window(hmm, dc, start, end, wait);
+		i = j;
+	}
+	if (!moved)
+		hmm_devmem_touch(&dc->mem, frames, 1);	/* let the next try see another chunk */
+	hmm_count(&hmm->stat.pages_evicted, moved);
+	return moved;
+}
+
+/* ---- hmm_migrate() ------------------------------------------------------------ */
+
+/*
+ * Moves [start, end) to @to a batch at a time; batches are 2 MiB-aligned in
+ * the address space, so they match the device's chunks.
+ */
+static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to)
+{
+	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+	uintptr_t a = start;
+
+	while (a < end) {
+		struct hmm_span s;
+		struct hmm_busy b;
+		int ret = hmm_span_get(hmm, a, end, &s);
+
+		if (ret)
+			return ret;
+		b.start = a;
+		b.end = ((a & ~(batch - 1)) + batch < s.end) ? (a & ~(batch - 1)) + batch : s.end;
+		ret = hmm_busy_lock(hmm, &b);
+		if (ret) {
+			hmm_span_put(&s);
+			return ret;
+		}
+		if (hmm_span_valid(hmm, &s)) {
+			ret = hmm_move_pages(hmm, &s, &b, to, NULL, NULL);
+			a = b.end;
+		}
+		/* else: the region changed under us; look again from @a */
+		hmm_busy_unlock(hmm, &b);
+		hmm_span_put(&s);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
+/* Every page of [start, end) is libhmm memory? Return: 0; -EFAULT. */
+int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot)
+{
+	int ret = 0;
+
+	hmm_rcu_read_lock();
+	for (uintptr_t a = start; a < end && !ret;) {
+		struct hmm_region *r = hmm_region_find(hmm, a);
+
+		if (!r)
+			ret = -EFAULT;
+		else if ((r->prot & need_prot) != need_prot)
+			ret = -EACCES;
+		else
+			a = r->end;
+	}
+	hmm_rcu_read_unlock();
+	return ret;
+}
+
+/* The core's own fence: an asynchronous migration's completion. */
+struct core_fence {
+	struct hmm_fence base;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+	int err;
+};
+
+static int core_fence_wait(struct hmm_fence *f)
+{
+	struct core_fence *cf = (struct core_fence *)f;
+	int err;
+
+	pthread_mutex_lock(&cf->lock);
+	while (!cf->done)
+		pthread_cond_wait(&cf->cond, &cf->lock);
+	err = cf->err;
+	pthread_mutex_unlock(&cf->lock);
+	return err;
+}
+
+static void core_fence_release(struct hmm_fence *f)
+{
+	struct core_fence *cf = (struct core_fence *)f;
+
+	pthread_mutex_destroy(&cf->lock);
+	pthread_cond_destroy(&cf->cond);
+	free(cf);
+}
+
+static const struct hmm_fence_ops core_fence_ops = {
+	.wait = core_fence_wait,
+	.release = core_fence_release,
+};
+
+struct hmm_mig_job {
+	struct hmm_mig_job *next;
+	uintptr_t start, end;
+	unsigned int to;		/* device id, 0 for the host */
+	struct core_fence *fence;	/* the job's reference */
+};
+
+static void *migrate_thread(void *arg)
+{
+	struct hmm *hmm = arg;
+
+	pthread_mutex_lock(&hmm->mig_lock);
+	for (;;) {
+		struct hmm_mig_job *job = hmm->mig_head;
+		struct hmm_devcore *to;
+		int ret;
+
+		if (!job) {
+			if (hmm->mig_stop)
+				break;
+			pthread_cond_wait(&hmm->mig_cond, &hmm->mig_lock);
+			continue;
+		}
+		hmm->mig_head = job->next;
+		if (!hmm->mig_head)
+			hmm->mig_tail = &hmm->mig_head;
+		pthread_mutex_unlock(&hmm->mig_lock);
+
+		/* The device may have gone since the job was queued. */
+		to = job->to ? hmm_devcore(hmm, job->to) : NULL;
+		ret = job->to && !to ? -ENODEV : migrate_range(hmm, job->start, job->end, to);
+		pthread_mutex_lock(&job->fence->lock);
+		job->fence->err = ret;
+		job->fence->done = true;
+		pthread_cond_broadcast(&job->fence->cond);
+		pthread_mutex_unlock(&job->fence->lock);
+		hmm_fence_put(&job->fence->base);
+		free(job);
+
+		pthread_mutex_lock(&hmm->mig_lock);
+	}
+	pthread_mutex_unlock(&hmm->mig_lock);
+	return NULL;
+}
+
+static int migrate_async(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to,
+			 struct hmm_fence **fence)
+{
+	struct hmm_mig_job *job = calloc(1, sizeof(*job));
+	struct core_fence *cf = calloc(1, sizeof(*cf));
+	int ret = 0;
+
+	if (!job || !cf)
+		goto nomem;
+	hmm_fence_init(&cf->base, &core_fence_ops);
+	pthread_mutex_init(&cf->lock, NULL);
+	pthread_cond_init(&cf->cond, NULL);
+	job->start = start;
+	job->end = end;
+	job->to = to ? to->id : 0;
+	job->fence = cf;
+
+	pthread_mutex_lock(&hmm->mig_lock);
+	if (!hmm->mig_running) {
+		ret = -pthread_create(&hmm->mig_thread, NULL, migrate_thread, hmm);
+		hmm->mig_running = ret == 0;
+	}
+	if (!ret) {
+		hmm_fence_get(&cf->base);	/* the caller's */
+		*hmm->mig_tail = job;
+		hmm->mig_tail = &job->next;
+		pthread_cond_signal(&hmm->mig_cond);
+	}
+	pthread_mutex_unlock(&hmm->mig_lock);
+	if (ret) {
+		core_fence_release(&cf->base);
+		free(job);
+		return ret;
+	}
+	*fence = &cf->base;
+	return 0;
+nomem:
+	free(job);
+	free(cf);
+	return -ENOMEM;
+}
+
+void hmm_migrate_stop(struct hmm *hmm)
+{
+	pthread_mutex_lock(&hmm->mig_lock);
+	hmm->mig_stop = true;
+	pthread_cond_signal(&hmm->mig_cond);
+	pthread_mutex_unlock(&hmm->mig_lock);
+	if (hmm->mig_running)
+		pthread_join(hmm->mig_thread, NULL);
+	hmm->mig_running = false;
+}
+
+int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *to,
+		unsigned int flags, struct hmm_fence **fence)
+{
+	uintptr_t start = (uintptr_t)addr, end = start + length;
+	struct hmm_devcore *dc = NULL;
+	int ret;
+
+	if (!hmm_is_live(hmm) || !length || (start | length) & ~HMM_PAGE_MASK ||
+	    !hmm_range_valid(start, end) || flags)
+		return -EINVAL;
+	if (to && !(dc = hmm_devcore_of(hmm, to)))
+		return -EINVAL;
+	ret = hmm_range_check(hmm, start, end, 0);
+	if (ret)
+		return ret;
+	if (fence)
+		return migrate_async(hmm, start, end, dc, fence);
+	return migrate_range(hmm, start, end, dc);
+}
