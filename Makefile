@@ -1,4 +1,5 @@
 # Thin wrapper over CMake carrying the README's commands.
+#   make demo        build and run the demo (examples/demo.c) on a simdev
 #   make check       build and run every test (plain build)
 #   make check-asan  the same tests under ASan+UBSan
 #   make check-tsan  the same tests under TSan
@@ -14,7 +15,7 @@ BUILD_ASAN = build-asan
 BUILD_TSAN = build-tsan
 BUILD_BENCH = build-bench
 
-.PHONY: all deps check check-asan check-tsan check-all bench install clean
+.PHONY: all deps demo check check-asan check-tsan check-all bench install clean
 
 all: deps
 	cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
@@ -22,6 +23,9 @@ all: deps
 
 deps:
 	@./scripts/install-deps.sh
+
+demo: all
+	./$(BUILD)/examples/demo
 
 define run_tests
 	cmake -S . -B $(1) $(2) $(CMAKE_FLAGS) >/dev/null

@@ -239,6 +239,7 @@ int hmm_device_fault(struct hmm_device *dev, uintptr_t start, uintptr_t end, uns
 	struct hmm *hmm = dev ? dev->hmm : NULL;
 	bool write = flags & HMM_DEVICE_FAULT_WRITE;
 	struct hmm_devcore *dc;
+	unsigned int tries = 0;
 	uintptr_t a;
 	int ret;
 
@@ -279,6 +280,8 @@ int hmm_device_fault(struct hmm_device *dev, uintptr_t start, uintptr_t end, uns
 			ret = map_batch(hmm, dc, &s, &b, write);
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
+		if (ret == -ENOMEM && hmm_make_room(hmm, dc, &tries))
+			continue;
 		if (ret)
 			return ret;
 		a = b.end;

@@ -281,6 +281,13 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
  * busy pages are skipped. Return: pages evicted.
  */
 size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait);
+/*
+ * After a move to @dc failed with -ENOMEM while holding pages: the caller has
+ * released them; evict a chunk waiting for busy pages (the try-lock eviction
+ * inside the move may have found every candidate busy). Counts @tries.
+ * Return: true to retry the move; false to give up with -ENOMEM.
+ */
+bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries);
 void hmm_migrate_stop(struct hmm *hmm);
 
 /* fault.c */

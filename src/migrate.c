@@ -29,6 +29,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -568,6 +569,7 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
 static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+	unsigned int tries = 0;
 	uintptr_t a = start;
 
 	while (a < end) {
@@ -584,17 +586,34 @@ static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 			hmm_span_put(&s);
 			return ret;
 		}
-		if (hmm_span_valid(hmm, &s)) {
+		if (hmm_span_valid(hmm, &s))
 			ret = hmm_move_pages(hmm, &s, &b, to, NULL, NULL);
-			a = b.end;
-		}
-		/* else: the region changed under us; look again from @a */
+		else
+			ret = -EAGAIN;	/* the region changed under us: look again */
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
+		if (ret == -EAGAIN || (ret == -ENOMEM && hmm_make_room(hmm, to, &tries)))
+			continue;
 		if (ret)
 			return ret;
+		a = b.end;
 	}
 	return 0;
+}
+
+bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries)
+{
+	/*
+	 * Other threads may take the room we make before we retry, and pages
+	 * may be freed without our help: retry a bounded number of times
+	 * whatever eviction achieved. A backend that is truly full with nothing
+	 * on it fails fast: each round is one empty LRU lookup.
+	 */
+	if (++*tries > 64 + 2 * hmm_devmem_chunks(&dc->mem))
+		return false;
+	if (!hmm_evict(hmm, dc, true))
+		sched_yield();
+	return true;
 }
 
 /* Every page of [start, end) is libhmm memory? Return: 0; -EFAULT. */

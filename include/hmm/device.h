@@ -28,10 +28,14 @@
  *                device memory to the backend (an arena offset, a
  *                CUdeviceptr).
  *
- * Callbacks may be called from any thread, including a SIGBUS handler's
- * thread in signal mode (though never from inside the handler proper for
- * mem_alloc / mem_free). Unless a callback's comment says otherwise it must
- * not call back into the core.
+ * Callbacks may be called from any thread. In signal mode a CPU fault brings
+ * device pages home from inside the SIGBUS handler, so update() drops,
+ * copy() to the host, fence waits and mem_free() may run there: keep those
+ * paths free of locks a faulting thread could hold (the fault comes from an
+ * access to libhmm memory outside the library, so no core lock is held) and,
+ * where you can, of malloc. mem_alloc() is never called from the handler.
+ * Unless a callback's comment says otherwise it must not call back into the
+ * core; hmm_fence_get() / hmm_fence_put() may be called from anywhere.
  */
 #ifndef HMM_DEVICE_H
 #define HMM_DEVICE_H
@@ -158,6 +162,9 @@ struct hmm_device_ops {
 	 * Context: the core holds every page of the range busy; no core lock
 	 * that a device fault could need is held. May block briefly. Must not
 	 * call hmm_device_fault() or any other core call.
+	 * A MAP over an entry the device holds may add write permission; the
+	 * core never changes an entry's address or takes permission away
+	 * without a drop first.
 	 * Return: 0; a -errno for HMM_EVENT_MAP aborts the device fault (the
 	 * core returns it from hmm_device_fault()); drops must not fail.
 	 */
@@ -182,7 +189,7 @@ struct hmm_device_ops {
 	 *         busy and reads or writes neither side.
 	 * Return: 0; -EIO the copy failed (nothing is known about @dst, @src is
 	 * intact); -EOPNOTSUPP device to device with a peer it cannot reach;
-	 * -ENOMEM.
+	 * -ENOMEM; -EINVAL a malformed request (a core bug).
 	 */
 	int (*copy)(struct hmm_device *dev, const struct hmm_copy *copy,
 		    struct hmm_fence **fence);
@@ -190,7 +197,8 @@ struct hmm_device_ops {
 	/*
 	 * release - the last call the core makes for @dev, from
 	 * hmm_device_unregister() or hmm_fini(), after every page was moved off
-	 * the device and every entry dropped. Optional.
+	 * the device, every entry dropped and every fence the device returned
+	 * released. Optional.
 	 */
 	void (*release)(struct hmm_device *dev);
 };
@@ -236,7 +244,9 @@ int hmm_device_unregister(struct hmm_device *dev);
  * range with update(HMM_EVENT_MAP).
  * @flags: HMM_DEVICE_FAULT_WRITE if the access writes.
  * Return: 0; -EINVAL bad range or @dev not registered; -EFAULT a page is
- * not libhmm memory; -EACCES the region's protection forbids the access;
+ * not libhmm memory (nothing done: a backend faulting an aligned block
+ * around a miss retries with the missing page alone); -EACCES the region's
+ * protection forbids the access;
  * -ENOMEM device memory is full and nothing can be evicted (every page is
  * where it was); -EIO a copy failed (likewise).
  * Context: any thread but a signal handler; no core lock held.

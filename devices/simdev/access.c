@@ -1,0 +1,332 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Memory accesses from kernels: the device thread's TLB, translation through
+ * it and the page table, MMU misses into hmm_device_fault(), the violation
+ * check, and the accessors of hmm/simdev.h.
+ *
+ * Every access translates each page it touches, and each translation is one
+ * step of the shootdown protocol (mmu.c): load the generation, flush the TLB
+ * and publish if it moved, then hit or walk. Nothing in here takes a lock.
+ *
+ * Violations
+ *
+ * A violation is an access that the page table's history did not allow when
+ * it happened. The TLB entry remembers the slot it came from and the slot's
+ * dpte and version at fill time; a hit compares them with the slot now (two
+ * loads of one cache line, the only cost on the fast path) and on a
+ * difference asks why:
+ *
+ *   - the version moved: a drop of generation V cleared the slot since the
+ *     fill. Using the entry is fine while that drop's shootdown is in flight
+ *     (the drop waits for this very thread), a violation once it is complete
+ *     (mmu.gen_done >= V): the thread should have flushed.
+ *   - same version, different address: the core replaced an entry without
+ *     dropping it first. A violation.
+ *   - same version and address, WRITE gone, and this is a write: the core
+ *     took write permission away without a drop. A violation. (Permission
+ *     gained is harmless: the entry is refreshed.)
+ *
+ * No false positives: if gen_done >= V, every thread was quiescent or had
+ * published a generation >= V at some instant after the drop stored it. This
+ * thread does not publish or go quiescent without flushing, and a fill after
+ * that flush reads the slot after V's stamp (its load of gen synchronised
+ * with the drop), so the entry in hand would carry V or a later version: a
+ * difference means the thread really skipped a flush. A fill reads version,
+ * dpte, version and retries on a change, so it never pairs an entry the core
+ * mapped after a drop with the version from before it. A drop stamps the
+ * version before it clears dpte (release), and the check loads dpte
+ * (acquire) before the version, so a slot being dropped under the check
+ * shows the new version, never "same version, entry gone".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define PAGE_OFFSET_MASK (SIMDEV_PAGE_SIZE - 1)
+
+/* A counter only its own thread writes: no locked instruction needed. */
+static inline void thread_count(_Atomic uint64_t *c)
+{
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+			      memory_order_relaxed);
+}
+
+static void tlb_flush(struct simdev_thread *t)
+{
+	for (unsigned int i = 0; i < SIMDEV_TLB_ENTRIES; i++)
+		t->tlb[i].vpn = SIMDEV_TLB_EMPTY;
+}
+
+/*
+ * Quiescent: no TLB entry, no access. Release orders every access this thread
+ * made before a drop's waiter reads the 0.
+ */
+void simdev_thread_quiesce(struct simdev_thread *t)
+{
+	tlb_flush(t);
+	atomic_store_explicit(&t->active, 0, memory_order_release);
+}
+
+/* Leaving quiescence: the thread's half of the store-buffer pattern (mmu.c). */
+void simdev_thread_resume(struct simdev_thread *t)
+{
+	uint64_t gen;
+
+	atomic_store(&t->active, 1);
+	gen = atomic_load(&t->sd->mmu.gen);
+	t->tlb_gen = gen;
+	atomic_store_explicit(&t->active, gen, memory_order_release);
+}
+
+static void thread_fail(struct simdev_thread *t, int err)
+{
+	if (!t->err)
+		t->err = err;
+}
+
+static void violation(struct simdev_thread *t)
+{
+	simdev_count(&t->sd->stat.violations, 1);
+}
+
+/* The page a device page-table entry names, as a CPU pointer; NULL if bogus. */
+static char *dpte_page(struct simdev *sd, uint64_t dpte)
+{
+	uint64_t addr = hmm_dpte_addr(dpte);
+
+	if (dpte & HMM_DPTE_DEVICE)
+		return simdev_mem_page(&sd->mem, addr);
+	return addr ? (char *)(uintptr_t)addr : NULL;
+}
+
+/* Slow half of a hit whose slot changed since the fill: see "Violations". */
+static void tlb_hit_changed(struct simdev_thread *t, struct simdev_tlb_entry *e, bool write)
+{
+	uint64_t dpte = atomic_load_explicit(&e->pte->dpte, memory_order_acquire);
+	uint64_t version = atomic_load_explicit(&e->pte->version, memory_order_relaxed);
+
+	if (version != e->version) {
+		if (atomic_load_explicit(&t->sd->mmu.gen_done, memory_order_acquire) >= version)
+			violation(t);
+		return;
+	}
+	if (hmm_dpte_addr(dpte) != hmm_dpte_addr(e->dpte) ||
+	    (dpte & (HMM_DPTE_VALID | HMM_DPTE_DEVICE)) !=
+	    (e->dpte & (HMM_DPTE_VALID | HMM_DPTE_DEVICE))) {
+		violation(t);
+		return;
+	}
+	if (write && !(dpte & HMM_DPTE_WRITE)) {
+		violation(t);
+		return;
+	}
+	/* Only WRITE changed: take the slot's word so the check stays off the fast path. */
+	e->dpte = dpte;
+}
+
+/*
+ * An MMU miss: ask the core for the fault_bytes block around @addr. The
+ * thread is quiescent meanwhile, since the core may drop entries of this very
+ * device (evicting to make room) and wait for the shootdown. A block can
+ * straddle the end of a mapping, or a protection change, and then fails as a
+ * whole: the page alone is asked for before giving up.
+ */
+static int mmu_fault(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	struct simdev *sd = t->sd;
+	uintptr_t page = addr & ~PAGE_OFFSET_MASK;
+	uintptr_t start = addr & ~(uintptr_t)(sd->fault_bytes - 1);
+	unsigned int flags = write ? HMM_DEVICE_FAULT_WRITE : 0;
+	int err;
+
+	simdev_thread_quiesce(t);
+	simdev_count(&sd->stat.faults, 1);
+	err = hmm_device_fault(&sd->dev, start, start + sd->fault_bytes, flags);
+	if (err && sd->fault_bytes > SIMDEV_PAGE_SIZE) {
+		simdev_count(&sd->stat.faults, 1);
+		err = hmm_device_fault(&sd->dev, page, page + SIMDEV_PAGE_SIZE, flags);
+	}
+	simdev_thread_resume(t);
+	if (err)
+		simdev_count(&sd->stat.fault_errors, 1);
+	return err;
+}
+
+/*
+ * A TLB miss: walk, fault when the walk finds nothing usable, retry (a drop
+ * may take the entry away again before we walk). Return: the CPU pointer to
+ * the page; NULL with the thread failed.
+ */
+static char *tlb_miss(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	struct simdev *sd = t->sd;
+	uintptr_t vpn = addr >> SIMDEV_PAGE_SHIFT;
+	struct simdev_tlb_entry *e = &t->tlb[vpn % SIMDEV_TLB_ENTRIES];
+	int err;
+
+	thread_count(&t->tlb_misses);
+	for (;;) {
+		struct simdev_pte *pte = simdev_pt_lookup(sd, vpn);
+		uint64_t dpte = 0, v1 = 0, v2;
+
+		while (pte) {
+			v1 = atomic_load_explicit(&pte->version, memory_order_acquire);
+			dpte = atomic_load_explicit(&pte->dpte, memory_order_acquire);
+			v2 = atomic_load_explicit(&pte->version, memory_order_relaxed);
+			if (v1 == v2)
+				break;
+		}
+		if ((dpte & HMM_DPTE_VALID) && (!write || (dpte & HMM_DPTE_WRITE))) {
+			char *page = dpte_page(sd, dpte);
+
+			if (!page) {
+				/* The core mapped an address that names no page. */
+				violation(t);
+				thread_fail(t, -EFAULT);
+				return NULL;
+			}
+			*e = (struct simdev_tlb_entry){ .vpn = vpn, .page = page,
+							.dpte = dpte, .version = v1,
+							.pte = pte };
+			return page;
+		}
+		err = mmu_fault(t, addr, write);
+		if (err) {
+			thread_fail(t, err);
+			return NULL;
+		}
+	}
+}
+
+/*
+ * translate - the CPU pointer to the page holding @addr, for a read or a
+ * write. The fast path is one load of the generation, a tag compare, and the
+ * violation check's two loads. Return: NULL with the thread failed.
+ */
+static inline char *translate(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	uint64_t gen = atomic_load_explicit(&t->sd->mmu.gen, memory_order_acquire);
+	uintptr_t vpn = addr >> SIMDEV_PAGE_SHIFT;
+	struct simdev_tlb_entry *e;
+
+	if (simdev_unlikely(gen != t->tlb_gen)) {
+		tlb_flush(t);
+		t->tlb_gen = gen;
+		atomic_store_explicit(&t->active, gen, memory_order_release);
+	}
+	e = &t->tlb[vpn % SIMDEV_TLB_ENTRIES];
+	if (simdev_likely(e->vpn == vpn && (!write || (e->dpte & HMM_DPTE_WRITE)))) {
+		if (simdev_unlikely(atomic_load_explicit(&e->pte->dpte, memory_order_relaxed) != e->dpte ||
+				    atomic_load_explicit(&e->pte->version, memory_order_relaxed) != e->version))
+			tlb_hit_changed(t, e, write);
+		thread_count(&t->tlb_hits);
+		return e->page;
+	}
+	return tlb_miss(t, addr, write);
+}
+
+/* ---- Accessors ---------------------------------------------------------------- */
+
+/* Byte ranges: page by page, so each page is translated (and may fault) on its own. */
+static int access_bytes(struct simdev_thread *t, uintptr_t addr, size_t len, bool write,
+			char *out, const char *in)
+{
+	if (t->err)
+		return t->err;
+	if (len > UINTPTR_MAX - addr) {
+		thread_fail(t, -EINVAL);
+		return t->err;
+	}
+	while (len) {
+		size_t off = addr & PAGE_OFFSET_MASK;
+		size_t n = SIMDEV_PAGE_SIZE - off < len ? SIMDEV_PAGE_SIZE - off : len;
+		char *page = translate(t, addr, write);
+
+		if (!page)
+			return t->err;
+		if (write) {
+			memcpy(page + off, in, n);
+			in += n;
+		} else {
+			memcpy(out, page + off, n);
+			out += n;
+		}
+		addr += n;
+		len -= n;
+	}
+	return 0;
+}
+
+int simdev_read(struct simdev_thread *t, uintptr_t addr, void *buf, size_t len)
+{
+	return access_bytes(t, addr, len, false, buf, NULL);
+}
+
+int simdev_write(struct simdev_thread *t, uintptr_t addr, const void *buf, size_t len)
+{
+	return access_bytes(t, addr, len, true, NULL, buf);
+}
+
+/*
+ * The 64-bit word at @addr, which must be 8-byte aligned (so it never
+ * crosses a page). NULL with the thread failed.
+ */
+static uint64_t *word(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	char *page;
+
+	if (t->err)
+		return NULL;
+	if (addr & 7) {
+		thread_fail(t, -EINVAL);
+		return NULL;
+	}
+	page = translate(t, addr, write);
+	return page ? (uint64_t *)(page + (addr & PAGE_OFFSET_MASK)) : NULL;
+}
+
+/*
+ * Word accesses are single-copy atomic. Loads acquire and stores release so
+ * kernels can hand data to each other through a flag; read-modify-writes are
+ * sequentially consistent, like a GPU's device-scope atomics at their
+ * strongest.
+ */
+uint64_t simdev_load64(struct simdev_thread *t, uintptr_t addr)
+{
+	uint64_t *w = word(t, addr, false);
+
+	return w ? __atomic_load_n(w, __ATOMIC_ACQUIRE) : 0;
+}
+
+void simdev_store64(struct simdev_thread *t, uintptr_t addr, uint64_t value)
+{
+	uint64_t *w = word(t, addr, true);
+
+	if (w)
+		__atomic_store_n(w, value, __ATOMIC_RELEASE);
+}
+
+uint64_t simdev_fetch_add64(struct simdev_thread *t, uintptr_t addr, uint64_t value)
+{
+	uint64_t *w = word(t, addr, true);
+
+	return w ? __atomic_fetch_add(w, value, __ATOMIC_SEQ_CST) : 0;
+}
+
+/* Needs write permission even when it fails, as a locked compare-exchange does. */
+bool simdev_cas64(struct simdev_thread *t, uintptr_t addr, uint64_t *expected, uint64_t desired)
+{
+	uint64_t *w = word(t, addr, true);
+
+	if (!w)
+		return false;
+	return __atomic_compare_exchange_n(w, expected, desired, false, __ATOMIC_SEQ_CST,
+					   __ATOMIC_SEQ_CST);
+}
+
+bool simdev_failed(const struct simdev_thread *t)
+{
+	return t->err != 0;
+}

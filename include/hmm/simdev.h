@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * simdev - the reference device (DESIGN.md §6).
+ *
+ * A multi-threaded accelerator that lives in the process, built only on the
+ * public device interface (hmm/device.h): read its source as the template
+ * for a real backend. It has
+ *   - device memory: a private arena that the CPU view never maps, handed
+ *     to the core in 2 MiB chunks;
+ *   - an MMU: a page table the core programs through update(), and a TLB
+ *     per device thread; a miss calls hmm_device_fault();
+ *   - a DMA engine: copies run inline when bandwidth and latency are
+ *     unlimited, otherwise on an engine thread that takes latency + bytes /
+ *     bandwidth per copy and completes a fence;
+ *   - device threads that run kernels: C functions whose every load, store
+ *     and atomic goes through the MMU with the accessors below;
+ *   - invalidation as a real TLB shootdown: the fence of a drop completes
+ *     once every device thread has left the epoch in which it could have
+ *     cached a dropped entry;
+ *   - a violation counter: accesses that the core's mirror state did not
+ *     allow at the moment they happened (use of an entry after its drop's
+ *     fence completed, a write through a read-only entry). Tests assert 0.
+ *
+ * Every call returns 0 or -errno unless it says otherwise.
+ */
+#ifndef HMM_SIMDEV_H
+#define HMM_SIMDEV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <hmm.h>
+#include <hmm/device.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct simdev;
+struct simdev_thread;
+
+/* ---- The device ----------------------------------------------------------- */
+
+struct simdev_options {
+	size_t sz;			/* sizeof(struct simdev_options) */
+	const char *name;		/* default "simdev" */
+	/* Device memory in bytes, rounded down to 2 MiB chunks; 0 selects 64 MiB. */
+	size_t mem_bytes;
+	unsigned int threads;		/* device threads; 0 selects 2 */
+	/* DMA engine: bytes per second (0 unlimited) and latency per copy. */
+	uint64_t dma_bytes_per_sec;
+	uint64_t dma_latency_ns;
+	/*
+	 * Bytes one MMU miss asks the core for: the aligned block around the
+	 * missing page, a power of two from 4 KiB to 2 MiB; 0 selects 64 KiB.
+	 */
+	size_t fault_bytes;
+};
+
+/*
+ * simdev_create - make a device and register it with @hmm.
+ * Return: 0; -EINVAL bad options; -ENOMEM; what hmm_device_register()
+ * returns.
+ */
+int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct simdev **sd);
+
+/*
+ * simdev_destroy - unregister (every page comes back to the host), stop the
+ * threads, free the arena.
+ * Context: no kernel running on @sd.
+ * Return: 0; -EINVAL @sd NULL; -EBUSY a kernel is running; what
+ * hmm_device_unregister() returns (the device then stays alive).
+ */
+int simdev_destroy(struct simdev *sd);
+
+/* The core's view of @sd, for hmm_migrate() and friends. */
+struct hmm_device *simdev_device(struct simdev *sd);
+
+/* Changes the DMA engine's bandwidth and latency (as in the options). */
+int simdev_set_dma(struct simdev *sd, uint64_t bytes_per_sec, uint64_t latency_ns);
+
+/* ---- Kernels ---------------------------------------------------------------- */
+
+/*
+ * A kernel: runs once on every device thread; @index is the thread's number
+ * (0 .. @count - 1). It reaches memory only through the accessors below.
+ */
+typedef void (*simdev_kernel_fn)(struct simdev_thread *t, unsigned int index,
+				 unsigned int count, void *arg);
+
+/*
+ * simdev_run - run @fn on every device thread and wait for all of them.
+ * Return: 0; the first error an access hit (-EFAULT not libhmm memory,
+ * -EACCES, -ENOMEM, -EIO: see hmm_device_fault()); -EINVAL; -EBUSY a kernel
+ * is already running on @sd.
+ */
+int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg);
+
+/*
+ * Memory accesses from a kernel. They translate through the thread's TLB and
+ * the device page table and fault into the core on a miss. If an access
+ * cannot be served, it does nothing (a load returns 0), the thread is marked
+ * failed, later accesses fail at once, and simdev_run() returns the error;
+ * a kernel may poll simdev_failed() to stop early.
+ */
+int simdev_read(struct simdev_thread *t, uintptr_t addr, void *buf, size_t len);
+int simdev_write(struct simdev_thread *t, uintptr_t addr, const void *buf, size_t len);
+uint64_t simdev_load64(struct simdev_thread *t, uintptr_t addr);
+void simdev_store64(struct simdev_thread *t, uintptr_t addr, uint64_t value);
+uint64_t simdev_fetch_add64(struct simdev_thread *t, uintptr_t addr, uint64_t value);
+bool simdev_cas64(struct simdev_thread *t, uintptr_t addr, uint64_t *expected, uint64_t desired);
+bool simdev_failed(const struct simdev_thread *t);
+
+/* ---- Statistics ------------------------------------------------------------- */
+
+struct simdev_stats {
+	uint64_t faults;		/* MMU misses sent to hmm_device_fault() */
+	uint64_t fault_errors;		/* of which failed */
+	uint64_t tlb_hits, tlb_misses;
+	uint64_t maps;			/* update(MAP) calls */
+	uint64_t drops;			/* update() drops */
+	uint64_t shootdowns;		/* drops whose fence had to wait for threads */
+	uint64_t violations;		/* must stay 0: see the top of this file */
+	uint64_t copies;		/* copy() calls */
+	uint64_t bytes_to_device;	/* host -> device */
+	uint64_t bytes_to_host;		/* device -> host */
+	uint64_t bytes_device_to_device;/* peer -> this device */
+	uint64_t bytes_zeroed;		/* zero-filled on the device */
+	uint64_t chunks_used;		/* device memory chunks handed out now */
+};
+
+int simdev_stats_read(struct simdev *sd, struct simdev_stats *stats);
+
+/* ---- Fault injection --------------------------------------------------------- */
+
+enum simdev_inject {
+	SIMDEV_FAIL_ALLOC,	/* the next @count mem_alloc calls return -ENOMEM */
+	SIMDEV_FAIL_COPY,	/* the next @count copies fail with -EIO */
+	SIMDEV_FENCE_EAGAIN,	/* fence waits return -EAGAIN @count times first */
+	SIMDEV_FENCE_EIO,	/* the next @count copy fences complete with -EIO */
+};
+
+/* Arms a fault; @count 0 disarms it. Return: 0; -EINVAL. */
+int simdev_inject(struct simdev *sd, enum simdev_inject what, unsigned int count);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
