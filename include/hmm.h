@@ -154,6 +154,7 @@ struct hmm_stats {
 	uint64_t pages_device_to_device;
 	uint64_t pages_zeroed_on_device;/* never-touched pages created on a device */
 	uint64_t pages_evicted;		/* moved to the host to make room */
+	uint64_t cpu_pages_prefetched;	/* brought home ahead of a sequential CPU reader */
 	uint64_t device_pages_used;	/* device memory holding pages now, all devices */
 };
 

@@ -246,6 +246,7 @@ int hmm_fini(struct hmm *hmm)
 		return -EINVAL;
 	}
 	hmm_migrate_stop(hmm);		/* queued migrations finish first */
+	hmm_prefetch_stop(hmm);
 	hmm_fault_service_stop(hmm);
 	pthread_mutex_lock(&hmm->lock);
 	hmm_region_destroy_all(hmm);	/* device pages freed with their regions */
@@ -281,6 +282,7 @@ int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
 	st->pages_device_to_device = atomic_load(&hmm->stat.pages_device_to_device);
 	st->pages_zeroed_on_device = atomic_load(&hmm->stat.pages_zeroed_on_device);
 	st->pages_evicted = atomic_load(&hmm->stat.pages_evicted);
+	st->cpu_pages_prefetched = atomic_load(&hmm->stat.cpu_pages_prefetched);
 	hmm_rcu_read_lock();		/* devcores are freed a grace period after removal */
 	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
 		struct hmm_devcore *dc = hmm_devcore(hmm, id);

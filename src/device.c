@@ -93,6 +93,10 @@ int hmm_device_register(struct hmm *hmm, struct hmm_device *dev)
 	dc = calloc(1, sizeof(*dc));
 	if (!dc)
 		return -ENOMEM;
+	if (hmm_prefetch_start(hmm)) {
+		free(dc);
+		return -ENOMEM;
+	}
 
 	pthread_mutex_lock(&hmm->dev_lock);
 	if (dev->hmm) {

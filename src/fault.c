@@ -16,7 +16,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/futex.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "page_state.h"
@@ -105,7 +108,88 @@ static enum present how(const struct hmm_busy *b, size_t i)
 	}
 }
 
+/*
+ * Sequential prefetch. A CPU reading device-resident memory in order pays,
+ * per page, a device-to-host copy and a UFFDIO_CONTINUE on the faulting
+ * thread. When a fault that brought device pages home follows a fault on the
+ * block just before it, the next PREFETCH_BLOCKS blocks are handed to the
+ * prefetch thread, which serves them exactly as faults would (serve() below)
+ * on another CPU while this one reads: the copy is pipelined behind the
+ * reader. Requests go through one atomic word and a futex, so a SIGBUS
+ * handler can post them; a newer request replaces an older one.
+ */
+#define PREFETCH_BLOCKS 8
+
+static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t next)
+{
+	uintptr_t last = atomic_exchange_explicit(&hmm->prefetch_last, block, memory_order_relaxed);
+
+	if (!hmm->prefetch_running || last + (next - block) != block)
+		return;
+	atomic_store_explicit(&hmm->prefetch_addr, next, memory_order_release);
+	atomic_fetch_add(&hmm->prefetch_seq, 1);
+	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch);
+
+static void *prefetch_thread(void *arg)
+{
+	struct hmm *hmm = arg;
+	uintptr_t span = hmm->fault_around_pages << HMM_PAGE_SHIFT;
+
+	for (;;) {
+		uint32_t seq = atomic_load(&hmm->prefetch_seq);
+		uintptr_t a = atomic_exchange_explicit(&hmm->prefetch_addr, 0, memory_order_acquire);
+
+		if (atomic_load(&hmm->prefetch_stop))
+			break;
+		if (!a) {
+			syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+			continue;
+		}
+		for (int i = 0; i < PREFETCH_BLOCKS && !atomic_load(&hmm->prefetch_addr); i++, a += span)
+			if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_DEVICE &&
+			    serve(hmm, a, true) == -EFAULT)
+				break;		/* ran off the region */
+	}
+	return NULL;
+}
+
+int hmm_prefetch_start(struct hmm *hmm)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&hmm->dev_lock);
+	if (!hmm->prefetch_running) {
+		ret = -pthread_create(&hmm->prefetch_thread, NULL, prefetch_thread, hmm);
+		hmm->prefetch_running = ret == 0;
+	}
+	pthread_mutex_unlock(&hmm->dev_lock);
+	return ret;
+}
+
+void hmm_prefetch_stop(struct hmm *hmm)
+{
+	if (!hmm->prefetch_running)
+		return;
+	atomic_store(&hmm->prefetch_stop, true);
+	atomic_fetch_add(&hmm->prefetch_seq, 1);
+	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+	pthread_join(hmm->prefetch_thread, NULL);
+	hmm->prefetch_running = false;
+}
+
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr)
+{
+	return serve(hmm, addr, false);
+}
+
+/*
+ * Serves the fault-around block of @addr: a CPU fault, or (@prefetch) the
+ * prefetch thread doing the same ahead of the reader.
+ */
+static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch)
 {
 	uintptr_t page = addr & HMM_PAGE_MASK, span = hmm->fault_around_pages << HMM_PAGE_SHIFT;
 	struct hmm_span s;
@@ -138,21 +222,33 @@ retry:
 	if (!hmm_busy_taken(&b, fi)) {
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
+		if (prefetch)
+			return 0;	/* someone is on it already */
 		hmm_busy_wait(hmm, page);
-		goto retry;
+		/*
+		 * Whoever held it (often the prefetch thread) has likely
+		 * mapped it: let the access run again rather than serving the
+		 * block a second time; if it still faults, we come back.
+		 */
+		if (hmm->fault_mode == HMM_FAULT_THREAD)
+			hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
+		return 0;
 	}
 	if (!hmm_span_valid(hmm, &s)) {
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
 		goto retry;		/* unmapped or split meanwhile: look again */
 	}
-	count(&hmm->stat.cpu_faults, 1);
+	count(prefetch ? &hmm->stat.cpu_pages_prefetched : &hmm->stat.cpu_faults, prefetch ? n : 1);
 
 	/* DEVICE -> HOST: bring back the block's device pages (page_state.h). */
 	for (size_t i = 0; i < n; i++)
 		on_device |= hmm_busy_taken(&b, i) && hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE;
-	if (on_device)
+	if (on_device) {
+		if (!prefetch)
+			prefetch_request(hmm, page & ~(span - 1), (page & ~(span - 1)) + span);
 		hmm_move_pages(hmm, &s, &b, NULL, NULL, NULL);
+	}
 	if (how(&b, fi) == SKIP) {
 		ret = -EIO;	/* the faulting page could not be copied back: still on its device */
 		goto out;

@@ -83,6 +83,7 @@ struct hmm_counters {
 	_Atomic uint64_t pages_device_to_device;
 	_Atomic uint64_t pages_zeroed_on_device;
 	_Atomic uint64_t pages_evicted;
+	_Atomic uint64_t cpu_pages_prefetched;
 };
 
 /* The core's side of a registered device. */
@@ -123,6 +124,14 @@ struct hmm {
 	struct hmm_mig_job *mig_head, **mig_tail;
 	pthread_t mig_thread;
 	bool mig_running, mig_stop;
+
+	/* Sequential prefetch of device pages (fault.c). */
+	pthread_t prefetch_thread;
+	bool prefetch_running;
+	atomic_bool prefetch_stop;
+	_Atomic uintptr_t prefetch_last;	/* block of the last fault that moved pages */
+	_Atomic uintptr_t prefetch_addr;	/* request: first block to bring home */
+	_Atomic uint32_t prefetch_seq;		/* futex word */
 
 	struct hmm_counters stat;
 };
@@ -301,6 +310,12 @@ void hmm_migrate_stop(struct hmm *hmm);
  * Context: any thread, including a SIGBUS handler; takes no lock.
  */
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr);
+/*
+ * The prefetch thread: started with the first device (hmm_device_register),
+ * stopped by hmm_fini().
+ */
+int hmm_prefetch_start(struct hmm *hmm);
+void hmm_prefetch_stop(struct hmm *hmm);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);

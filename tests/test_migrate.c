@@ -287,6 +287,52 @@ static void threads_fault_device_pages(void)
 	device_done(fd);
 }
 
+/*
+ * A sequential reader of device pages wakes the prefetch thread, which brings
+ * blocks home ahead of it while a writer thread rewrites pages further on:
+ * every word must be the last one written, whoever moved the page.
+ */
+struct ahead {
+	char *p;
+	size_t len;
+};
+
+static void *write_ahead(void *arg)
+{
+	struct ahead *a = arg;
+
+	for (size_t off = a->len / 2; off < a->len; off += 3 * PAGE)
+		fill(a->p + off, PAGE, 18);
+	return NULL;
+}
+
+static void sequential_reader_and_prefetch(void)
+{
+	struct fake_device *fd = device(8);
+	size_t len = 16 * MiB;
+	char *p = map(len);
+	struct ahead a = { p, len };
+	uint64_t before = stats().pages_to_host;
+	pthread_t t;
+
+	for (int round = 0; round < 3; round++) {
+		fill(p, len, 17);
+		CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
+		verify(p, len / 2, 17);		/* sequential: prefetch starts */
+		CHECK_EQ(pthread_create(&t, NULL, write_ahead, &a), 0);
+		for (size_t off = len / 2; off < len; off += PAGE)
+			if ((off - len / 2) % (3 * PAGE))	/* the writer's pages are its own */
+				(void)*(volatile char *)(p + off);
+		pthread_join(t, NULL);
+		for (size_t off = len / 2; off < len; off += PAGE)
+			verify(p + off, PAGE, (off - len / 2) % (3 * PAGE) ? 17 : 18);
+		CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
+	}
+	CHECK_EQ(stats().pages_to_host - before, 3 * len / PAGE);
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	device_done(fd);
+}
+
 /* munmap of a range whose pages are on a device frees their frames, partly too. */
 static void munmap_frees_device_frames(void)
 {
@@ -476,6 +522,7 @@ static void all(enum hmm_fault_mode m)
 	RUN(device_to_device);
 	RUN(oversubscription);
 	RUN(threads_fault_device_pages);
+	RUN(sequential_reader_and_prefetch);
 	RUN(munmap_frees_device_frames);
 	RUN(async_migration);
 	RUN(failed_copies_keep_data);

@@ -107,12 +107,77 @@ static bool resolve(const struct hmm_copy *c, size_t i, struct copy_page *p)
 	return p->dst && (p->src || !c->src);
 }
 
-static void do_copy_page(const struct copy_page *p)
+/*
+ * The engine's data mover. A DMA engine writes memory without pulling the
+ * destination into a CPU cache, so on x86-64 simdev copies with non-temporal
+ * stores, as libc's memcpy does for large copies: with ordinary stores every
+ * destination line is first read for ownership, and page-sized copies ran at
+ * half memcpy's bandwidth. The closing sfence orders the streamed stores
+ * before the copy is reported complete. Elsewhere: memcpy / memset.
+ */
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+static void stream_copy(char *dst, const char *src, size_t len)
 {
-	if (p->src)
-		memcpy(p->dst, p->src, SIMDEV_PAGE_SIZE);
-	else
-		memset(p->dst, 0, SIMDEV_PAGE_SIZE);
+	__m128i *d = (__m128i *)dst;
+	const __m128i *sp = (const __m128i *)src;
+
+	for (size_t i = 0; i < len / 16; i += 4) {
+		__m128i a = _mm_load_si128(sp + i), b = _mm_load_si128(sp + i + 1);
+		__m128i c = _mm_load_si128(sp + i + 2), e = _mm_load_si128(sp + i + 3);
+
+		_mm_stream_si128(d + i, a);
+		_mm_stream_si128(d + i + 1, b);
+		_mm_stream_si128(d + i + 2, c);
+		_mm_stream_si128(d + i + 3, e);
+	}
+}
+
+static void stream_zero(char *dst, size_t len)
+{
+	__m128i *d = (__m128i *)dst, z = _mm_setzero_si128();
+
+	for (size_t i = 0; i < len / 16; i++)
+		_mm_stream_si128(d + i, z);
+}
+
+static void stream_done(void)
+{
+	_mm_sfence();
+}
+#else
+static void stream_copy(char *dst, const char *src, size_t len)
+{
+	memcpy(dst, src, len);
+}
+
+static void stream_zero(char *dst, size_t len)
+{
+	memset(dst, 0, len);
+}
+
+static void stream_done(void)
+{
+}
+#endif
+
+/* Copies @n pages (page aligned on both sides), merging contiguous runs. */
+static void do_copy_pages(const struct copy_page *page, size_t n)
+{
+	for (size_t i = 0, j; i < n; i = j) {
+		size_t len = SIMDEV_PAGE_SIZE;
+
+		for (j = i + 1; j < n && page[j].dst == page[i].dst + len &&
+				(page[i].src ? page[j].src == page[i].src + len : !page[j].src);
+		     j++)
+			len += SIMDEV_PAGE_SIZE;
+		if (page[i].src)
+			stream_copy(page[i].dst, page[i].src, len);
+		else
+			stream_zero(page[i].dst, len);
+	}
+	stream_done();
 }
 
 static void count_copy(struct simdev *sd, enum copy_kind kind, bool zero, size_t npages)
@@ -193,8 +258,7 @@ static void run_job(struct simdev_job *job)
 		job_complete(job, -EIO);
 		return;
 	}
-	for (size_t i = 0; i < job->npages; i++)
-		do_copy_page(&job->page[i]);
+	do_copy_pages(job->page, job->npages);
 	count_copy(job->sd, job->kind, !job->page[0].src, job->npages);
 	job_complete(job, 0);
 }
@@ -351,11 +415,14 @@ int simdev_dma_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hmm
 	    atomic_load_explicit(&eng->latency_ns, memory_order_relaxed))
 		return queue_job(sd, c, kind, fail, fence);
 
-	for (size_t i = 0; i < c->npages; i++) {
-		struct copy_page p;
+	/* Inline: no malloc, no lock (this may run in a SIGBUS handler). */
+	for (size_t i = 0; i < c->npages;) {
+		struct copy_page batch[64];
+		size_t n = 0;
 
-		resolve(c, i, &p);
-		do_copy_page(&p);
+		for (; i < c->npages && n < 64; i++)
+			resolve(c, i, &batch[n++]);
+		do_copy_pages(batch, n);
 	}
 	count_copy(sd, kind, !c->src, c->npages);
 	return 0;
