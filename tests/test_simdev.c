@@ -1089,7 +1089,14 @@ static void kernel_faults_through_the_core(void)
 	CHECK(st.drops > 0);
 	CHECK_EQ(st.fault_errors, 0);
 	CHECK_EQ(st.violations, 0);
+	CHECK(hmm_device_mem_used(simdev_device(sd)) > 0);	/* it goes away with pages on it */
 	CHECK_EQ(simdev_destroy(sd), 0);
+	{
+		struct hmm_stats hs;
+
+		CHECK_EQ(hmm_stats_read(hmm, &hs), 0);
+		CHECK_EQ(hs.device_pages_used, 0);
+	}
 
 	for (size_t p = 0; p < E2E_PAGES; p++)
 		for (size_t w = 0; w < PS / 8; w++)
