@@ -112,21 +112,24 @@ static enum present how(const struct hmm_busy *b, size_t i)
  * Sequential prefetch. A CPU reading device-resident memory in order pays,
  * per page, a device-to-host copy and a UFFDIO_CONTINUE on the faulting
  * thread. When a fault that brought device pages home follows a fault on the
- * block just before it, the next PREFETCH_BLOCKS blocks are handed to the
- * prefetch thread, which serves them exactly as faults would (serve() below)
- * on another CPU while this one reads: the copy is pipelined behind the
- * reader. Requests go through one atomic word and a futex, so a SIGBUS
- * handler can post them; a newer request replaces an older one.
+ * block just before it, the prefetch thread is asked to serve every other
+ * block from the one after next (PREFETCH_BLOCKS of them), exactly as faults
+ * would (serve() below), on another CPU: the reader serves the blocks in
+ * between itself when it reaches them, so both CPUs copy at once instead of
+ * the reader waiting behind the prefetcher. Requests go through one atomic
+ * word and a futex, so a SIGBUS handler can post them; a newer request
+ * replaces an older one, and blocks already home are skipped at the cost of
+ * one lookup.
  */
 #define PREFETCH_BLOCKS 8
 
-static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t next)
+static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t span)
 {
 	uintptr_t last = atomic_exchange_explicit(&hmm->prefetch_last, block, memory_order_relaxed);
 
-	if (!hmm->prefetch_running || last + (next - block) != block)
+	if (!hmm->prefetch_running || last + span != block)
 		return;
-	atomic_store_explicit(&hmm->prefetch_addr, next, memory_order_release);
+	atomic_store_explicit(&hmm->prefetch_addr, block + 2 * span, memory_order_release);
 	atomic_fetch_add(&hmm->prefetch_seq, 1);
 	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
@@ -141,19 +144,33 @@ static void *prefetch_thread(void *arg)
 	for (;;) {
 		uint32_t seq = atomic_load(&hmm->prefetch_seq);
 		uintptr_t a = atomic_exchange_explicit(&hmm->prefetch_addr, 0, memory_order_acquire);
+		uintptr_t zap = atomic_exchange_explicit(&hmm->zap_start, 0, memory_order_acquire);
 
 		if (atomic_load(&hmm->prefetch_stop))
 			break;
-		if (!a) {
+		if (zap)
+			hmm_zap_ahead(hmm, zap, atomic_load(&hmm->zap_end));
+		if (!a && !zap) {
 			syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
 			continue;
 		}
-		for (int i = 0; i < PREFETCH_BLOCKS && !atomic_load(&hmm->prefetch_addr); i++, a += span)
+		for (int i = 0; i < PREFETCH_BLOCKS && !atomic_load(&hmm->prefetch_addr);
+		     i++, a += 2 * span)
 			if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_DEVICE &&
 			    serve(hmm, a, true) == -EFAULT)
 				break;		/* ran off the region */
 	}
 	return NULL;
+}
+
+void hmm_zap_request(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	if (!hmm->prefetch_running)
+		return;
+	atomic_store(&hmm->zap_end, end);
+	atomic_store_explicit(&hmm->zap_start, start, memory_order_release);
+	atomic_fetch_add(&hmm->prefetch_seq, 1);
+	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
 int hmm_prefetch_start(struct hmm *hmm)
@@ -246,7 +263,7 @@ retry:
 		on_device |= hmm_busy_taken(&b, i) && hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE;
 	if (on_device) {
 		if (!prefetch)
-			prefetch_request(hmm, page & ~(span - 1), (page & ~(span - 1)) + span);
+			prefetch_request(hmm, page & ~(span - 1), span);
 		hmm_move_pages(hmm, &s, &b, NULL, NULL, NULL);
 	}
 	if (how(&b, fi) == SKIP) {

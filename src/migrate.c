@@ -145,6 +145,34 @@ static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
 	}
 }
 
+void hmm_zap_ahead(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+
+	for (uintptr_t a = start; a < end;) {
+		struct hmm_span s;
+		struct hmm_busy b;
+		uint64_t host[HMM_BATCH_PAGES / 64] = { 0 };
+
+		if (hmm_span_get(hmm, a, end, &s))
+			return;
+		b.start = a;
+		b.end = (a & ~(batch - 1)) + batch < s.end ? (a & ~(batch - 1)) + batch : s.end;
+		if (hmm_busy_trylock(hmm, &b) == 0) {
+			if (hmm_span_valid(hmm, &s)) {
+				for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++)
+					if (hmm_busy_taken(&b, i) &&
+					    hmm_pte_state(b.old[i]) == HMM_PTE_HOST)
+						host[i / 64] |= 1ull << (i % 64);
+				zap_cpu(&b, host);
+			}
+			hmm_busy_unlock(hmm, &b);
+		}
+		a = b.end;
+		hmm_span_put(&s);
+	}
+}
+
 /* ---- The move ------------------------------------------------------------- */
 
 enum how {
@@ -376,9 +404,34 @@ static void copy_pages(struct move *m)
 	}
 }
 
+/* Frees the old device frames of the pages that moved off a device, a call per device. */
+static void free_source_frames(struct hmm *hmm, struct move *m)
+{
+	uint64_t frames[HMM_BATCH_PAGES];
+	uint64_t done[HMM_BATCH_PAGES / 64] = { 0 };
+
+	for (size_t i = 0; i < m->n; i++) {
+		unsigned int id;
+		size_t nr = 0;
+
+		if (m->how[i] != FROM_DEVICE || m->err[i] || is_set(done, i))
+			continue;
+		id = hmm_pte_device(m->b->old[i]);
+		for (size_t j = i; j < m->n; j++) {
+			if (m->how[j] != FROM_DEVICE || m->err[j] ||
+			    hmm_pte_device(m->b->old[j]) != id)
+				continue;
+			set_bit(done, j);
+			frames[nr++] = hmm_pte_frame(m->b->old[j]);
+		}
+		hmm_devmem_free(&hmm_devcore(hmm, id)->mem, frames, nr);
+	}
+}
+
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
 		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner)
 {
+	uint64_t counted[FROM_DEVICE + 1] = { 0 };
 	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
 	unsigned int to_id = to ? to->id : 0;
 	bool any = false;
@@ -444,19 +497,15 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 				ret = m->err[i];
 			continue;	/* b->new[i] stays the old entry */
 		}
-		if (m->how[i] == FROM_DEVICE) {
-			struct hmm_devcore *src = hmm_devcore(hmm, hmm_pte_device(e));
-			uint64_t f = hmm_pte_frame(e);
-
-			hmm_devmem_free(&src->mem, &f, 1);
-			hmm_count(to ? &hmm->stat.pages_device_to_device : &hmm->stat.pages_to_host, 1);
-		} else {
-			hmm_count(m->how[i] == ZERO ? &hmm->stat.pages_zeroed_on_device :
-						      &hmm->stat.pages_to_device, 1);
-		}
+		counted[m->how[i]]++;
 		b->new[i] = to ? hmm_pte_make(HMM_PTE_DEVICE, to_id, m->frame[i], flags) :
 				 hmm_pte_make(HMM_PTE_HOST, 0, 0, flags);
 	}
+	free_source_frames(hmm, m);
+	hmm_count(to ? &hmm->stat.pages_device_to_device : &hmm->stat.pages_to_host,
+		  counted[FROM_DEVICE]);
+	hmm_count(&hmm->stat.pages_zeroed_on_device, counted[ZERO]);
+	hmm_count(&hmm->stat.pages_to_device, counted[FROM_HOST]);
 	return ret;
 }
 
@@ -572,6 +621,9 @@ static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 	unsigned int tries = 0;
 	uintptr_t a = start;
 
+	/* The kernel's PTE zap is a third of the cost: let the other CPU do it ahead of us. */
+	if (to && end - start > batch)
+		hmm_zap_request(hmm, (start & ~(batch - 1)) + batch, end);
 	while (a < end) {
 		struct hmm_span s;
 		struct hmm_busy b;
