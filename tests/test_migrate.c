@@ -333,6 +333,40 @@ static void sequential_reader_and_prefetch(void)
 	device_done(fd);
 }
 
+/*
+ * A CPU thread rewriting every page while the range moves to the device (and
+ * is zapped ahead of the move by the prefetch thread): each write lands before
+ * the page is copied, or faults, waits, and lands after it came back.
+ */
+static void *rewrite(void *arg)
+{
+	struct ahead *a = arg;
+
+	for (size_t off = 0; off < a->len; off += PAGE)
+		fill(a->p + off, PAGE, 20);
+	return NULL;
+}
+
+static void writer_during_migration(void)
+{
+	struct fake_device *fd = device(8);
+	size_t len = 16 * MiB;
+	char *p = map(len);
+	struct ahead a = { p, len };
+	pthread_t t;
+
+	for (int round = 0; round < 4; round++) {
+		fill(p, len, 19);
+		CHECK_EQ(pthread_create(&t, NULL, rewrite, &a), 0);
+		CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
+		pthread_join(t, NULL);
+		verify(p, len, 20);
+		CHECK_EQ(hmm_migrate(hmm, p, len, NULL, 0, NULL), 0);
+	}
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	device_done(fd);
+}
+
 /* munmap of a range whose pages are on a device frees their frames, partly too. */
 static void munmap_frees_device_frames(void)
 {
@@ -523,6 +557,7 @@ static void all(enum hmm_fault_mode m)
 	RUN(oversubscription);
 	RUN(threads_fault_device_pages);
 	RUN(sequential_reader_and_prefetch);
+	RUN(writer_during_migration);
 	RUN(munmap_frees_device_frames);
 	RUN(async_migration);
 	RUN(failed_copies_keep_data);
