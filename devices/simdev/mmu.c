@@ -122,15 +122,14 @@ void simdev_mmu_fini(struct simdev *sd)
  * in a signal handler (it follows hmm_device_fault()). Acquire loads pair
  * with the installing release, so a walker sees a zeroed level.
  */
-static struct simdev_pt_dir *pt_dir(struct simdev *sd, uintptr_t vpn, bool alloc)
+/* The level in @slot; a zeroed one of @size bytes installed first if @alloc. */
+static void *pt_level(_Atomic(void *) *slot, size_t size, bool alloc)
 {
-	_Atomic(struct simdev_pt_dir *) *slot = &sd->mmu.top[vpn / DIR_SPAN];
-	struct simdev_pt_dir *cur = atomic_load_explicit(slot, memory_order_acquire);
-	struct simdev_pt_dir *fresh;
+	void *cur = atomic_load_explicit(slot, memory_order_acquire), *fresh;
 
 	if (cur || !alloc)
 		return cur;
-	fresh = calloc(1, sizeof(*fresh));
+	fresh = calloc(1, size);
 	if (!fresh)
 		return NULL;
 	if (atomic_compare_exchange_strong_explicit(slot, &cur, fresh, memory_order_acq_rel,
@@ -140,22 +139,16 @@ static struct simdev_pt_dir *pt_dir(struct simdev *sd, uintptr_t vpn, bool alloc
 	return cur;
 }
 
+static struct simdev_pt_dir *pt_dir(struct simdev *sd, uintptr_t vpn, bool alloc)
+{
+	return pt_level((_Atomic(void *) *)&sd->mmu.top[vpn / DIR_SPAN],
+			sizeof(struct simdev_pt_dir), alloc);
+}
+
 static struct simdev_pt_leaf *pt_leaf(struct simdev_pt_dir *dir, uintptr_t vpn, bool alloc)
 {
-	_Atomic(struct simdev_pt_leaf *) *slot = &dir->leaf[vpn / LEAF_SLOTS % DIR_SLOTS];
-	struct simdev_pt_leaf *cur = atomic_load_explicit(slot, memory_order_acquire);
-	struct simdev_pt_leaf *fresh;
-
-	if (cur || !alloc)
-		return cur;
-	fresh = calloc(1, sizeof(*fresh));
-	if (!fresh)
-		return NULL;
-	if (atomic_compare_exchange_strong_explicit(slot, &cur, fresh, memory_order_acq_rel,
-						    memory_order_acquire))
-		return fresh;
-	free(fresh);
-	return cur;
+	return pt_level((_Atomic(void *) *)&dir->leaf[vpn / LEAF_SLOTS % DIR_SLOTS],
+			sizeof(struct simdev_pt_leaf), alloc);
 }
 
 /* Lock-free; device threads call it on every TLB miss. */
