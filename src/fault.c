@@ -130,8 +130,7 @@ static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t span)
 	if (!hmm->prefetch_running || last + span != block)
 		return;
 	atomic_store_explicit(&hmm->prefetch_addr, block + 2 * span, memory_order_release);
-	atomic_fetch_add(&hmm->prefetch_seq, 1);
-	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+	hmm_helper_wake(hmm);
 }
 
 static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch);
@@ -144,13 +143,13 @@ static void *prefetch_thread(void *arg)
 	for (;;) {
 		uint32_t seq = atomic_load(&hmm->prefetch_seq);
 		uintptr_t a = atomic_exchange_explicit(&hmm->prefetch_addr, 0, memory_order_acquire);
-		uintptr_t zap = atomic_exchange_explicit(&hmm->zap_start, 0, memory_order_acquire);
+		struct hmm_mig_share *share = atomic_exchange(&hmm->mig_share, NULL);
 
+		if (share)
+			hmm_migrate_share_run(hmm, share);
 		if (atomic_load(&hmm->prefetch_stop))
 			break;
-		if (zap)
-			hmm_zap_ahead(hmm, zap, atomic_load(&hmm->zap_end));
-		if (!a && !zap) {
+		if (!a && !share) {
 			syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
 			continue;
 		}
@@ -163,12 +162,8 @@ static void *prefetch_thread(void *arg)
 	return NULL;
 }
 
-void hmm_zap_request(struct hmm *hmm, uintptr_t start, uintptr_t end)
+void hmm_helper_wake(struct hmm *hmm)
 {
-	if (!hmm->prefetch_running)
-		return;
-	atomic_store(&hmm->zap_end, end);
-	atomic_store_explicit(&hmm->zap_start, start, memory_order_release);
 	atomic_fetch_add(&hmm->prefetch_seq, 1);
 	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
@@ -191,8 +186,7 @@ void hmm_prefetch_stop(struct hmm *hmm)
 	if (!hmm->prefetch_running)
 		return;
 	atomic_store(&hmm->prefetch_stop, true);
-	atomic_fetch_add(&hmm->prefetch_seq, 1);
-	syscall(SYS_futex, &hmm->prefetch_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+	hmm_helper_wake(hmm);
 	pthread_join(hmm->prefetch_thread, NULL);
 	hmm->prefetch_running = false;
 }

@@ -94,6 +94,7 @@ struct hmm_devcore {
 };
 
 struct hmm_mig_job;				/* migrate.c */
+struct hmm_mig_share;				/* migrate.c */
 
 struct hmm {
 	int uffd;
@@ -132,7 +133,7 @@ struct hmm {
 	_Atomic uintptr_t prefetch_last;	/* block of the last fault that moved pages */
 	_Atomic uintptr_t prefetch_addr;	/* request: first block to bring home */
 	_Atomic uint32_t prefetch_seq;		/* futex word */
-	_Atomic uintptr_t zap_start, zap_end;	/* request: zap ahead of a migration */
+	_Atomic(struct hmm_mig_share *) mig_share; /* request: half of a migration */
 
 	struct hmm_counters stat;
 };
@@ -317,16 +318,10 @@ int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr);
  */
 int hmm_prefetch_start(struct hmm *hmm);
 void hmm_prefetch_stop(struct hmm *hmm);
-/* Asks the prefetch thread to run hmm_zap_ahead() on [start, end). Signal-safe. */
-void hmm_zap_request(struct hmm *hmm, uintptr_t start, uintptr_t end);
-/*
- * Zaps the CPU view's PTEs of the host pages of [start, end), a batch at a
- * time, taking each batch busy with try-lock. Always safe: a zapped host page
- * is mapped again by its next CPU fault, data intact. A migration to a device
- * asks for it ahead of itself, so the kernel's zap runs on another CPU while
- * the migration copies.
- */
-void hmm_zap_ahead(struct hmm *hmm, uintptr_t start, uintptr_t end);
+/* Wakes the prefetch thread to look at its requests. Signal-safe. */
+void hmm_helper_wake(struct hmm *hmm);
+/* Runs the share of a migration posted in hmm.mig_share (prefetch thread). */
+void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);

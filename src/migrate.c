@@ -29,10 +29,13 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/futex.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "page_state.h"
@@ -142,34 +145,6 @@ static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
 		madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
 			MADV_DONTNEED);
 		i = j;
-	}
-}
-
-void hmm_zap_ahead(struct hmm *hmm, uintptr_t start, uintptr_t end)
-{
-	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
-
-	for (uintptr_t a = start; a < end;) {
-		struct hmm_span s;
-		struct hmm_busy b;
-		uint64_t host[HMM_BATCH_PAGES / 64] = { 0 };
-
-		if (hmm_span_get(hmm, a, end, &s))
-			return;
-		b.start = a;
-		b.end = (a & ~(batch - 1)) + batch < s.end ? (a & ~(batch - 1)) + batch : s.end;
-		if (hmm_busy_trylock(hmm, &b) == 0) {
-			if (hmm_span_valid(hmm, &s)) {
-				for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++)
-					if (hmm_busy_taken(&b, i) &&
-					    hmm_pte_state(b.old[i]) == HMM_PTE_HOST)
-						host[i / 64] |= 1ull << (i % 64);
-				zap_cpu(&b, host);
-			}
-			hmm_busy_unlock(hmm, &b);
-		}
-		a = b.end;
-		hmm_span_put(&s);
 	}
 }
 
@@ -612,27 +587,34 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
 /* ---- hmm_migrate() ------------------------------------------------------------ */
 
 /*
- * Moves [start, end) to @to a batch at a time; batches are 2 MiB-aligned in
- * the address space, so they match the device's chunks.
+ * Moves the 2 MiB-aligned windows of [start, end) to @to, a batch (a window,
+ * or its part in one region) at a time: every window when @parity is 2,
+ * otherwise every other one, those whose index has that parity.
  */
-static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to)
+static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
+			   struct hmm_devcore *to, unsigned int parity)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
 	unsigned int tries = 0;
 	uintptr_t a = start;
 
-	/* The kernel's PTE zap is a third of the cost: let the other CPU do it ahead of us. */
-	if (to && end - start > batch)
-		hmm_zap_request(hmm, (start & ~(batch - 1)) + batch, end);
 	while (a < end) {
+		uintptr_t window_end = (a & ~(batch - 1)) + batch;
 		struct hmm_span s;
 		struct hmm_busy b;
-		int ret = hmm_span_get(hmm, a, end, &s);
+		int ret;
 
+		if (window_end > end)
+			window_end = end;
+		if (parity < 2 && ((a / batch) & 1) != parity) {
+			a = window_end;
+			continue;
+		}
+		ret = hmm_span_get(hmm, a, window_end, &s);
 		if (ret)
 			return ret;
 		b.start = a;
-		b.end = ((a & ~(batch - 1)) + batch < s.end) ? (a & ~(batch - 1)) + batch : s.end;
+		b.end = s.end;
 		ret = hmm_busy_lock(hmm, &b);
 		if (ret) {
 			hmm_span_put(&s);
@@ -651,6 +633,45 @@ static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 		a = b.end;
 	}
 	return 0;
+}
+
+/*
+ * Half of a large migration, run by the prefetch thread on the other CPU:
+ * copying is most of a migration's cost and two streams move nearly twice
+ * the bytes of one (the memory system here is not saturated by one thread).
+ * The caller runs the even windows, the helper the odd ones; the windows are
+ * disjoint, so their pages never meet, and the caller waits for the helper
+ * only after releasing all of its own.
+ */
+struct hmm_mig_share {
+	uintptr_t start, end;
+	struct hmm_devcore *to;
+	int ret;
+	_Atomic uint32_t done;			/* futex word: 1 when ret is set */
+};
+
+void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share)
+{
+	share->ret = migrate_windows(hmm, share->start, share->end, share->to, 1);
+	atomic_store_explicit(&share->done, 1, memory_order_release);
+	syscall(SYS_futex, &share->done, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to)
+{
+	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+	struct hmm_mig_share share = { .start = start, .end = end, .to = to };
+	struct hmm_mig_share *none = NULL;
+	int ret;
+
+	if (end - start < 4 * batch || !hmm->prefetch_running ||
+	    !atomic_compare_exchange_strong(&hmm->mig_share, &none, &share))
+		return migrate_windows(hmm, start, end, to, 2);
+	hmm_helper_wake(hmm);
+	ret = migrate_windows(hmm, start, end, to, 0);
+	while (!atomic_load_explicit(&share.done, memory_order_acquire))
+		syscall(SYS_futex, &share.done, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+	return ret ? ret : share.ret;
 }
 
 bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries)

@@ -420,7 +420,7 @@ static void async_migration(void)
 /* A failed copy leaves every page where it was, intact. */
 static void failed_copies_keep_data(void)
 {
-	struct fake_device *fd = device(2);
+	struct fake_device *fd = device(8);
 	size_t len = 2 * MiB;
 	char *p = map(len);
 
@@ -436,6 +436,19 @@ static void failed_copies_keep_data(void)
 	CHECK_EQ(hmm_migrate(hmm, p, len, NULL, 0, NULL), 0);
 	verify(p, len, 12);
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+
+	/* A large move runs in two streams: a failure in either is reported. */
+	len = 16 * MiB;
+	p = map(len);
+	fill(p, len, 21);
+	for (int fails = 1; fails <= 3; fails++) {
+		fd->fail_copy = fails;
+		CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), -EIO);
+		fd->fail_copy = 0;
+		verify(p, len, 21);
+	}
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
 	device_done(fd);
 }
 
