@@ -245,6 +245,14 @@ static inline void fake_free(struct fake_device *fd)
 	free(fd);
 }
 
+/* Sets a countdown knob; the core's threads read them under the lock. */
+static inline void fake_knob(struct fake_device *fd, int *knob, int value)
+{
+	pthread_mutex_lock(&fd->lock);
+	*knob = value;
+	pthread_mutex_unlock(&fd->lock);
+}
+
 /*
  * The device's pointer to the page at @addr in its window, as its MMU has it
  * (NULL when it holds no entry): what a device access would use.

@@ -425,12 +425,12 @@ static void failed_copies_keep_data(void)
 	char *p = map(len);
 
 	fill(p, len, 12);
-	fd->fail_copy = 1;
+	fake_knob(fd, &fd->fail_copy, 1);
 	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), -EIO);
 	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
 	verify(p, len, 12);
 	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
-	fd->fail_copy = 1;	/* now on the way back */
+	fake_knob(fd, &fd->fail_copy, 1);	/* now on the way back */
 	CHECK_EQ(hmm_migrate(hmm, p, len, NULL, 0, NULL), -EIO);
 	CHECK_EQ(hmm_device_mem_used(&fd->dev), len);
 	CHECK_EQ(hmm_migrate(hmm, p, len, NULL, 0, NULL), 0);
@@ -442,9 +442,9 @@ static void failed_copies_keep_data(void)
 	p = map(len);
 	fill(p, len, 21);
 	for (int fails = 1; fails <= 3; fails++) {
-		fd->fail_copy = fails;
+		fake_knob(fd, &fd->fail_copy, fails);
 		CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), -EIO);
-		fd->fail_copy = 0;
+		fake_knob(fd, &fd->fail_copy, 0);
 		verify(p, len, 21);
 	}
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
@@ -466,9 +466,9 @@ static void enomem_keeps_data(void)
 	verify(p, len, 13);
 	/* A full device evicts what it can; when the backend still refuses, -ENOMEM. */
 	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
-	fd->fail_alloc = 1000;
+	fake_knob(fd, &fd->fail_alloc, 1000);
 	CHECK_EQ(hmm_migrate(hmm, q, len, &fd->dev, 0, NULL), -ENOMEM);
-	fd->fail_alloc = 0;
+	fake_knob(fd, &fd->fail_alloc, 0);
 	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);	/* p was evicted trying */
 	verify(p, len, 13);
 	verify(q, len, 14);
