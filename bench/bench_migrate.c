@@ -41,7 +41,8 @@ static void setup(enum hmm_fault_mode mode, size_t fault_around, size_t dev_mem,
 		  struct hmm **hmm, struct simdev **sd)
 {
 	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode,
-				 .fault_around_bytes = fault_around };
+				 .fault_around_bytes = fault_around,
+				 .device_fault_around_bytes = fault_around };
 	struct simdev_options so = { .sz = sizeof(so), .mem_bytes = dev_mem };
 	int ret = hmm_init(&o, hmm);
 

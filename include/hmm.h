@@ -55,6 +55,12 @@ struct hmm_options {
 	 * see docs/); the page size alone disables fault-around.
 	 */
 	size_t fault_around_bytes;
+	/*
+	 * The same for a CPU fault on a page that is on a device: the block's
+	 * device pages come home in one copy and one mapping call. 0 selects
+	 * the default (1 MiB, see docs/migration.md); at most 2 MiB.
+	 */
+	size_t device_fault_around_bytes;
 };
 
 /*

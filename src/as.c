@@ -30,6 +30,8 @@
 
 #define DEFAULT_FAULT_AROUND (256u << 10)
 #define MAX_FAULT_AROUND (2u << 20)
+/* Device pages: the copy home costs per page, so a larger block only saves faults. */
+#define DEFAULT_DEVICE_FAULT_AROUND (1u << 20)
 
 /* hmm_live is set and cleared under init_lock; fault paths read it lock-free. */
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -170,6 +172,11 @@ static int parse_options(const struct hmm_options *opts, struct hmm *hmm)
 		return -EINVAL;
 	hmm->fault_mode = o.fault_mode;
 	hmm->fault_around_pages = bytes >> HMM_PAGE_SHIFT;
+	bytes = o.device_fault_around_bytes ? o.device_fault_around_bytes :
+					      DEFAULT_DEVICE_FAULT_AROUND;
+	if (bytes < HMM_PAGE_SIZE || bytes > MAX_FAULT_AROUND || (bytes & (bytes - 1)))
+		return -EINVAL;
+	hmm->device_fault_around_pages = bytes >> HMM_PAGE_SHIFT;
 	return 0;
 }
 

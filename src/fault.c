@@ -4,7 +4,8 @@
  * CPU view does not map. The states and transitions are in page_state.h.
  *
  * A fault is served for a whole fault-around block (an aligned block of
- * hmm.fault_around_pages pages, clipped to the region), because one bulk
+ * hmm.fault_around_pages pages, or device_fault_around_pages when the
+ * faulting page is on a device, clipped to the region), because one bulk
  * ioctl costs a fraction of one fault: sequential access then takes one fault
  * per block, not per page.
  *
@@ -121,7 +122,7 @@ static enum present how(const struct hmm_busy *b, size_t i)
  * replaces an older one, and blocks already home are skipped at the cost of
  * one lookup.
  */
-#define PREFETCH_BLOCKS 8
+#define PREFETCH_BLOCKS 16
 
 static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t span)
 {
@@ -138,7 +139,7 @@ static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch);
 static void *prefetch_thread(void *arg)
 {
 	struct hmm *hmm = arg;
-	uintptr_t span = hmm->fault_around_pages << HMM_PAGE_SHIFT;
+	uintptr_t span = hmm->device_fault_around_pages << HMM_PAGE_SHIFT;
 
 	for (;;) {
 		uint32_t seq = atomic_load(&hmm->prefetch_seq);
@@ -208,6 +209,9 @@ static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch)
 	size_t n, fi;
 	bool on_device = false;
 	int ret;
+
+	if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, page)) == HMM_PTE_DEVICE)
+		span = hmm->device_fault_around_pages << HMM_PAGE_SHIFT;
 
 retry:
 	/* The block: the aligned fault-around window, clipped to the region. */

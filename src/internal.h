@@ -100,6 +100,7 @@ struct hmm {
 	int uffd;
 	enum hmm_fault_mode fault_mode;
 	size_t fault_around_pages;		/* power of two */
+	size_t device_fault_around_pages;	/* the same, for faults on device pages */
 	uint64_t uffd_features;
 
 	struct hmm_pt pt;			/* the logical page table */

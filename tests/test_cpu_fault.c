@@ -354,6 +354,14 @@ static void options_are_checked(void)
 	CHECK_EQ(hmm_init(&o, &hmm), -EINVAL);
 	o.fault_around_bytes = 4u << 20;			/* above the 2 MiB cap */
 	CHECK_EQ(hmm_init(&o, &hmm), -EINVAL);
+	o.fault_around_bytes = 0;
+	o.device_fault_around_bytes = 5 * PAGE;
+	CHECK_EQ(hmm_init(&o, &hmm), -EINVAL);
+	o.device_fault_around_bytes = 4u << 20;
+	CHECK_EQ(hmm_init(&o, &hmm), -EINVAL);
+	o.device_fault_around_bytes = PAGE;
+	CHECK_EQ(hmm_init(&o, &hmm), 0);
+	CHECK_EQ(hmm_fini(hmm), 0);
 	o.sz = 2;
 	CHECK_EQ(hmm_init(&o, &hmm), -EINVAL);
 	bigger.future = 1;					/* unknown field set */
