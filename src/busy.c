@@ -56,7 +56,7 @@ static hmm_pte_t take_fn(void *arg, uintptr_t addr, hmm_pte_t old)
 	}
 	b->old[i] = old;
 	b->new[i] = old;
-	b->taken[i / 64] |= 1ull << (i % 64);
+	hmm_bit_set(b->taken, i);
 	return old | HMM_PTE_BUSY;
 }
 

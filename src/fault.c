@@ -26,11 +26,6 @@
 #include "page_state.h"
 #include "uffd.h"
 
-static void count(_Atomic uint64_t *counter, uint64_t n)
-{
-	hmm_count(counter, n);
-}
-
 /*
  * One page a bulk call stopped at: a hole gets a zeroed frame; a frame that
  * exists (written data, or zero-filled by a racing thread) is mapped with
@@ -41,11 +36,11 @@ static int present_one(struct hmm *hmm, uintptr_t a)
 	int ret = hmm_uffd_zeropage(hmm->uffd, (void *)a, HMM_PAGE_SIZE, HMM_UFFD_DONTWAKE, NULL);
 
 	if (ret == 0) {
-		count(&hmm->stat.cpu_pages_zeroed, 1);
+		hmm_count(&hmm->stat.cpu_pages_zeroed, 1);
 	} else if (ret == -EEXIST) {
 		ret = hmm_uffd_continue(hmm->uffd, (void *)a, HMM_PAGE_SIZE, HMM_UFFD_DONTWAKE, NULL);
 		if (ret == 0)
-			count(&hmm->stat.cpu_pages_mapped, 1);
+			hmm_count(&hmm->stat.cpu_pages_mapped, 1);
 		else if (ret == -EEXIST)
 			ret = 0;
 	}
@@ -70,7 +65,7 @@ static int present_run(struct hmm *hmm, uintptr_t start, uintptr_t end, bool zer
 		else
 			ret = hmm_uffd_continue(hmm->uffd, (void *)a, end - a, HMM_UFFD_DONTWAKE, &done);
 		if (done) {
-			count(zero ? &hmm->stat.cpu_pages_zeroed : &hmm->stat.cpu_pages_mapped,
+			hmm_count(zero ? &hmm->stat.cpu_pages_zeroed : &hmm->stat.cpu_pages_mapped,
 			      done >> HMM_PAGE_SHIFT);
 			a += done;
 		}
@@ -254,7 +249,7 @@ retry:
 		hmm_span_put(&s);
 		goto retry;		/* unmapped or split meanwhile: look again */
 	}
-	count(prefetch ? &hmm->stat.cpu_pages_prefetched : &hmm->stat.cpu_faults, prefetch ? n : 1);
+	hmm_count(prefetch ? &hmm->stat.cpu_pages_prefetched : &hmm->stat.cpu_faults, prefetch ? n : 1);
 
 	/* DEVICE -> HOST: bring back the block's device pages (page_state.h). */
 	for (size_t i = 0; i < n; i++)

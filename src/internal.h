@@ -214,7 +214,7 @@ static inline size_t hmm_busy_index(const struct hmm_busy *b, uintptr_t addr)
 
 static inline bool hmm_busy_taken(const struct hmm_busy *b, size_t i)
 {
-	return b->taken[i / 64] & (1ull << (i % 64));
+	return hmm_bit_test(b->taken, i);
 }
 
 /*
@@ -269,12 +269,6 @@ void hmm_device_release_all(struct hmm *hmm);
  */
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
 		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner);
-/*
- * Drops every device mapping of the taken DEVICE pages of @b for @type
- * (MUNMAP, MIGRATE, PROTECT) and waits for the fences.
- */
-void hmm_drop_device_entries(struct hmm *hmm, struct hmm_busy *b, enum hmm_event_type type,
-			     const struct hmm_device *owner);
 /*
  * Every page of [start, end) is libhmm memory whose protection has
  * @need_prot? Return: 0; -EFAULT; -EACCES.

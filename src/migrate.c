@@ -97,13 +97,13 @@ static void drop_devices(struct hmm *hmm, struct hmm_busy *b, const uint64_t *ma
 		struct hmm_devcore *dc;
 		struct hmm_fence *f = NULL;
 
-		if (!(mask[i / 64] & (1ull << (i % 64))) || (done[i / 64] & (1ull << (i % 64))) ||
+		if (!hmm_bit_test(mask, i) || hmm_bit_test(done, i) ||
 		    hmm_pte_state(b->old[i]) != HMM_PTE_DEVICE)
 			continue;
 		id = hmm_pte_device(b->old[i]);
 		for (size_t j = i; j < n; j++) {
-			if ((mask[j / 64] & (1ull << (j % 64))) && is_on(b->old[j], id)) {
-				done[j / 64] |= 1ull << (j % 64);
+			if (hmm_bit_test(mask, j) && is_on(b->old[j], id)) {
+				hmm_bit_set(done, j);
 				last = j;
 			}
 		}
@@ -121,12 +121,6 @@ static void drop_devices(struct hmm *hmm, struct hmm_busy *b, const uint64_t *ma
 	fences_wait(&fs, NULL);
 }
 
-void hmm_drop_device_entries(struct hmm *hmm, struct hmm_busy *b, enum hmm_event_type type,
-			     const struct hmm_device *owner)
-{
-	drop_devices(hmm, b, b->taken, type, owner);
-}
-
 /* Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault. */
 static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
 {
@@ -135,11 +129,11 @@ static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
 	for (size_t i = 0; i < n;) {
 		size_t j;
 
-		if (!(mask[i / 64] & (1ull << (i % 64)))) {
+		if (!hmm_bit_test(mask, i)) {
 			i++;
 			continue;
 		}
-		for (j = i + 1; j < n && (mask[j / 64] & (1ull << (j % 64))); j++)
+		for (j = i + 1; j < n && hmm_bit_test(mask, j); j++)
 			;
 		/* No uffd event: the core does not ask for REMOVE events. */
 		madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
@@ -176,16 +170,6 @@ static uintptr_t page_addr(const struct move *m, size_t i)
 	return m->b->start + (i << HMM_PAGE_SHIFT);
 }
 
-static bool is_set(const uint64_t *mask, size_t i)
-{
-	return mask[i / 64] & (1ull << (i % 64));
-}
-
-static void set_bit(uint64_t *mask, size_t i)
-{
-	mask[i / 64] |= 1ull << (i % 64);
-}
-
 /* Allocates destination frames for every page that needs one, evicting as needed. */
 static void alloc_frames(struct move *m)
 {
@@ -218,7 +202,7 @@ static void alloc_frames(struct move *m)
 			if (ret)
 				m->err[k] = ret;
 			else
-				set_bit(m->allocated, k);
+				hmm_bit_set(m->allocated, k);
 		}
 		i = j;
 	}
@@ -389,14 +373,14 @@ static void free_source_frames(struct hmm *hmm, struct move *m)
 		unsigned int id;
 		size_t nr = 0;
 
-		if (m->how[i] != FROM_DEVICE || m->err[i] || is_set(done, i))
+		if (m->how[i] != FROM_DEVICE || m->err[i] || hmm_bit_test(done, i))
 			continue;
 		id = hmm_pte_device(m->b->old[i]);
 		for (size_t j = i; j < m->n; j++) {
 			if (m->how[j] != FROM_DEVICE || m->err[j] ||
 			    hmm_pte_device(m->b->old[j]) != id)
 				continue;
-			set_bit(done, j);
+			hmm_bit_set(done, j);
 			frames[nr++] = hmm_pte_frame(m->b->old[j]);
 		}
 		hmm_devmem_free(&hmm_devcore(hmm, id)->mem, frames, nr);
@@ -437,12 +421,12 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 			continue;
 		if (st == HMM_PTE_DEVICE && hmm_pte_device(e) != to_id) {
 			m->how[i] = FROM_DEVICE;
-			set_bit(drop, i);
+			hmm_bit_set(drop, i);
 		} else if (to && st == HMM_PTE_EMPTY) {
 			m->how[i] = ZERO;
 		} else if (to && st == HMM_PTE_HOST) {
 			m->how[i] = FROM_HOST;
-			set_bit(zap, i);
+			hmm_bit_set(zap, i);
 		} else if (to && st == HMM_PTE_DEVICE) {
 			hmm_devmem_touch(&to->mem, (uint64_t[]){ hmm_pte_frame(e) }, 1);
 		}
@@ -466,7 +450,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 		if (m->how[i] == STAY)
 			continue;
 		if (m->err[i]) {
-			if (is_set(m->allocated, i))
+			if (hmm_bit_test(m->allocated, i))
 				hmm_devmem_free(&to->mem, &m->frame[i], 1);
 			if (!ret)
 				ret = m->err[i];
@@ -499,7 +483,7 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++) {
 			b.old[i] = hmm_pt_lookup(&hmm->pt, a + (i << HMM_PAGE_SHIFT)) & ~HMM_PTE_BUSY;
 			if (hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE) {
-				set_bit(b.taken, i);
+				hmm_bit_set(b.taken, i);
 				any = true;
 			}
 		}
@@ -510,7 +494,7 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		     i++) {
 			uint64_t f = hmm_pte_frame(b.old[i]);
 
-			if (is_set(b.taken, i))
+			if (hmm_bit_test(b.taken, i))
 				hmm_devmem_free(&hmm_devcore(hmm, hmm_pte_device(b.old[i]))->mem, &f, 1);
 		}
 	}

@@ -6,6 +6,8 @@
 #ifndef HMM_UTIL_H
 #define HMM_UTIL_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,6 +63,17 @@ static inline int hmm_range_valid(uintptr_t start, uintptr_t end)
 {
 	return hmm_page_aligned(start) && hmm_page_aligned(end) &&
 	       start < end && end <= HMM_VA_END;
+}
+
+/* Bit @i of a bitmap of 64-bit words. */
+static inline bool hmm_bit_test(const uint64_t *map, size_t i)
+{
+	return map[i / 64] & (1ull << (i % 64));
+}
+
+static inline void hmm_bit_set(uint64_t *map, size_t i)
+{
+	map[i / 64] |= 1ull << (i % 64);
 }
 
 #endif
