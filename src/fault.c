@@ -108,14 +108,17 @@ static enum present how(const struct hmm_busy *b, size_t i)
  * Sequential prefetch. A CPU reading device-resident memory in order pays,
  * per page, a device-to-host copy and a UFFDIO_CONTINUE on the faulting
  * thread. When a fault that brought device pages home follows a fault on the
- * block just before it, the prefetch thread is asked to serve every other
- * block from the one after next (PREFETCH_BLOCKS of them), exactly as faults
- * would (serve() below), on another CPU: the reader serves the blocks in
- * between itself when it reaches them, so both CPUs copy at once instead of
- * the reader waiting behind the prefetcher. Requests go through one atomic
- * word and a futex, so a SIGBUS handler can post them; a newer request
- * replaces an older one, and blocks already home are skipped at the cost of
- * one lookup.
+ * block just before it, the prefetch thread is asked to serve the blocks
+ * after it (PREFETCH_BLOCKS of them), exactly as faults would (serve()
+ * below), on another CPU. The reader does not sit idle behind it: a reader
+ * that faults on a block the prefetch thread holds first serves the next
+ * block nobody has taken yet, then waits (steal_ahead()). Serving a block
+ * costs about twice as much as reading it, so this splits the copying between
+ * the two CPUs in whatever ratio keeps both busy, where a fixed split leaves
+ * one of them waiting. Each block is taken with a try-lock, so a block is
+ * served once, by whoever gets it first. Requests go through one atomic word
+ * and a futex, so a SIGBUS handler can post them; a newer request replaces an
+ * older one, and blocks already home are skipped at the cost of one lookup.
  */
 #define PREFETCH_BLOCKS 16
 
@@ -125,7 +128,7 @@ static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t span)
 
 	if (!hmm->prefetch_running || last + span != block)
 		return;
-	atomic_store_explicit(&hmm->prefetch_addr, block + 2 * span, memory_order_release);
+	atomic_store_explicit(&hmm->prefetch_addr, block + span, memory_order_release);
 	hmm_helper_wake(hmm);
 }
 
@@ -150,7 +153,7 @@ static void *prefetch_thread(void *arg)
 			continue;
 		}
 		for (int i = 0; i < PREFETCH_BLOCKS && !atomic_load(&hmm->prefetch_addr);
-		     i++, a += 2 * span)
+		     i++, a += span)
 			if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_DEVICE &&
 			    serve(hmm, a, true) == -EFAULT)
 				break;		/* ran off the region */
@@ -187,6 +190,24 @@ void hmm_prefetch_stop(struct hmm *hmm)
 	hmm->prefetch_running = false;
 }
 
+/*
+ * The reader found its block held by the prefetch thread: serve the first
+ * block ahead that is still on a device and that nobody holds, instead of
+ * waiting idle.
+ */
+static void steal_ahead(struct hmm *hmm, uintptr_t block, uintptr_t span)
+{
+	for (int i = 1; i <= PREFETCH_BLOCKS; i++) {
+		uintptr_t a = block + (uintptr_t)i * span;
+		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
+
+		if (hmm_pte_state(e) == HMM_PTE_DEVICE && !(e & HMM_PTE_BUSY)) {
+			serve(hmm, a, true);
+			return;
+		}
+	}
+}
+
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr)
 {
 	return serve(hmm, addr, false);
@@ -202,11 +223,13 @@ static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch)
 	struct hmm_span s;
 	struct hmm_busy b;
 	size_t n, fi;
-	bool on_device = false;
+	bool on_device = false, was_device = false;
 	int ret;
 
-	if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, page)) == HMM_PTE_DEVICE)
+	if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, page)) == HMM_PTE_DEVICE) {
 		span = hmm->device_fault_around_pages << HMM_PAGE_SHIFT;
+		was_device = true;
+	}
 
 retry:
 	/* The block: the aligned fault-around window, clipped to the region. */
@@ -234,6 +257,8 @@ retry:
 		hmm_span_put(&s);
 		if (prefetch)
 			return 0;	/* someone is on it already */
+		if (was_device && hmm->prefetch_running)
+			steal_ahead(hmm, b.start & ~(span - 1), span);
 		hmm_busy_wait(hmm, page);
 		/*
 		 * Whoever held it (often the prefetch thread) has likely
