@@ -130,7 +130,8 @@ struct hmm_fence;			/* hmm/device.h */
  *         migration thread and *@fence receives a fence to wait for with
  *         hmm_fence_wait() and to drop with hmm_fence_put().
  * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, @to not
- * registered, bad @flags; -EFAULT a page in the range is not libhmm memory
+ * mirroring @hmm (hmm_mirror_register()), bad @flags; -EOPNOTSUPP @to has no
+ * memory; -EFAULT a page in the range is not libhmm memory
  * (nothing moved); -ENOMEM device memory full and nothing evictable; -EIO a
  * copy failed. Pages before the failing batch have moved. An asynchronous
  * move reports these through its fence.
@@ -154,7 +155,7 @@ struct hmm_stats {
 	uint64_t cpu_pages_mapped;	/* pages with data mapped back for the CPU */
 	uint64_t regions;		/* live mappings */
 	uint64_t mapped_bytes;		/* their total size */
-	uint64_t device_faults;		/* hmm_device_fault() calls served */
+	uint64_t device_faults;		/* hmm_mirror_fault() calls, all mirrors */
 	uint64_t pages_to_device;	/* host -> device copies, in pages */
 	uint64_t pages_to_host;		/* device -> host, including evictions */
 	uint64_t pages_device_to_device;

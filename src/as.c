@@ -36,6 +36,16 @@
 /* hmm_live is set and cleared under init_lock; fault paths read it lock-free. */
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
 struct hmm *hmm_live;
+
+void hmm_global_lock(void)
+{
+	pthread_mutex_lock(&init_lock);
+}
+
+void hmm_global_unlock(void)
+{
+	pthread_mutex_unlock(&init_lock);
+}
 static struct sigaction previous_sigbus;
 
 /* ---- signal mode --------------------------------------------------------- */
@@ -258,7 +268,7 @@ int hmm_fini(struct hmm *hmm)
 	pthread_mutex_lock(&hmm->lock);
 	hmm_region_destroy_all(hmm);	/* device pages freed with their regions */
 	pthread_mutex_unlock(&hmm->lock);
-	hmm_device_release_all(hmm);
+	hmm_mirror_release_all(hmm);
 	__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
 	hmm_rcu_synchronize();	/* no SIGBUS handler still looks at @hmm */
 	close(hmm->uffd);
@@ -290,12 +300,12 @@ int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
 	st->pages_zeroed_on_device = atomic_load(&hmm->stat.pages_zeroed_on_device);
 	st->pages_evicted = atomic_load(&hmm->stat.pages_evicted);
 	st->cpu_pages_prefetched = atomic_load(&hmm->stat.cpu_pages_prefetched);
-	hmm_rcu_read_lock();		/* devcores are freed a grace period after removal */
+	hmm_rcu_read_lock();		/* mirrors are freed a grace period after removal */
 	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
-		struct hmm_devcore *dc = hmm_devcore(hmm, id);
+		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);
 
-		if (dc)
-			st->device_pages_used += hmm_devmem_pages_used(&dc->mem);
+		if (mc)
+			st->device_pages_used += hmm_devmem_pages_used(&mc->mem);
 	}
 	t = atomic_load_explicit(&hmm->regions, memory_order_acquire);
 	st->regions = t->nr;

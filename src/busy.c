@@ -65,10 +65,20 @@ static hmm_pte_t release_fn(void *arg, uintptr_t addr, hmm_pte_t old)
 	struct hmm_busy *b = arg;
 	size_t i = hmm_busy_index(b, addr);
 
+	hmm_pte_t e;
+
 	if (!hmm_busy_taken(b, i))
 		return old;
 	hmm_assert(old & HMM_PTE_BUSY);
-	return b->new[i] & ~HMM_PTE_BUSY;
+	e = b->new[i] & ~HMM_PTE_BUSY;
+	/*
+	 * A device's dirty report is folded into the entry while the page is
+	 * held (mirror.c, when its mirror entry goes): keep it, unless the
+	 * page is going back to never-touched.
+	 */
+	if (hmm_pte_state(e) != HMM_PTE_EMPTY)
+		e |= old & HMM_PTE_DIRTY;
+	return e;
 }
 
 void hmm_busy_wake_all(struct hmm *hmm)

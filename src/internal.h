@@ -13,13 +13,22 @@
  *            devices and the library read and write; never registered with
  *            userfaultfd, so it never faults into us.
  *
- *   device   a registered struct hmm_device, and the core's side of it
- *            (struct hmm_devcore): its memory allocator and its id, which is
- *            what a DEVICE page-table entry names.
+ *   device   a registered struct hmm_device: ops, nothing per address space.
+ *   mirror   a device attached to this address space (struct hmm_mirror),
+ *            and the core's side of it (struct hmm_mirror_core, mirror.c):
+ *            its id, which is what a DEVICE page-table entry names, the
+ *            allocator of the device memory it uses, and its mirror page
+ *            table.
+ *   invalidation  anything that takes a page away from where devices may
+ *            map it (migration, munmap, mprotect...): it runs between
+ *            hmm_inval_begin() and hmm_inval_end() (mirror.c), which is how
+ *            device faults learn to back off.
  *
  * Locks, in the order they nest (take a later one only while holding an
  * earlier one, never the reverse):
- *   1. hmm.dev_lock     serialises device registration and unregistration.
+ *   0. init_lock (as.c) serialises hmm_init/fini and device and mirror
+ *                       registration and release against them.
+ *   1. hmm.dev_lock     serialises mirror registration and release.
  *   2. hmm.lock         serialises changes to the region table (mmap, munmap,
  *                       mprotect, fini). Never taken on a fault path.
  *   3. busy pages       a page whose entry has HMM_PTE_BUSY is owned by the
@@ -29,7 +38,11 @@
  *                       address order and only by a thread that holds no
  *                       busy page above the one it waits for; holders of
  *                       busy pages take further pages with try-lock only.
- *   4. hmm.mig_lock     the asynchronous migration queue (leaf).
+ *   4. mirror pt_lock   a mirror's page table and its update() calls
+ *                       (mirror.c); a spin lock, signal-safe.
+ *      hmm.inval_lock   the lists of invalidations and device faults in
+ *                       flight (leaf, spin lock, signal-safe).
+ *      hmm.mig_lock     the asynchronous migration queue (leaf).
  *   5. hmm_devmem.lock  a device's memory allocator (leaf; devmem.h).
  *   6. page-table directory locks (pt.h), taken inside hmm_pt_update().
  * Fault paths take no lock of their own: they find regions in an RCU read
@@ -40,6 +53,7 @@
 #define HMM_INTERNAL_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -86,11 +100,49 @@ struct hmm_counters {
 	_Atomic uint64_t cpu_pages_prefetched;
 };
 
-/* The core's side of a registered device. */
-struct hmm_devcore {
+/* A lock for short sections that signal handlers may take: spins, then yields. */
+typedef struct { atomic_flag flag; } hmm_spinlock_t;
+
+static inline void hmm_spin_lock(hmm_spinlock_t *l)
+{
+	for (unsigned int i = 0; atomic_flag_test_and_set_explicit(&l->flag, memory_order_acquire);
+	     i++) {
+		if (i < 64)
+			hmm_cpu_relax();
+		else
+			sched_yield();
+	}
+}
+
+static inline void hmm_spin_unlock(hmm_spinlock_t *l)
+{
+	atomic_flag_clear_explicit(&l->flag, memory_order_release);
+}
+
+struct hmm_mirror_counters {
+	_Atomic uint64_t faults, fault_rounds, pages_mapped, events;
+};
+
+/* The core's side of a mirror (mirror.c has its rules). */
+struct hmm_mirror_core {
+	struct hmm_mirror *mirror;
 	struct hmm_device *dev;
 	unsigned int id;
-	struct hmm_devmem mem;			/* its memory, pages and LRU */
+	bool has_memory;			/* the device has mem_alloc */
+	struct hmm_devmem mem;			/* device memory used here, pages and LRU */
+	hmm_spinlock_t pt_lock;			/* @pt and update() calls */
+	struct hmm_pt pt;			/* the mirror page table: hmm_dpte_t entries */
+	_Atomic long entries;			/* present in @pt */
+	_Atomic long users;			/* calls in flight (mirror.c) */
+	atomic_bool dying;			/* being released: no new entries */
+	struct hmm_mirror_counters stat;
+};
+
+/* A device fault or an invalidation in flight over [start, end) (mirror.c). */
+struct hmm_range_node {
+	struct hmm_range_node *next;
+	uintptr_t start, end;
+	atomic_bool backoff;			/* faults: an invalidation overlapped */
 };
 
 struct hmm_mig_job;				/* migrate.c */
@@ -112,9 +164,16 @@ struct hmm {
 	int stop_fd;				/* eventfd: tells the fault thread to exit */
 	bool thread_running;
 
-	/* Devices by id (1..HMM_MAX_DEVICES); changed under dev_lock, read lock-free. */
+	/* Mirrors by id (1..HMM_MAX_DEVICES); changed under dev_lock, read lock-free. */
 	pthread_mutex_t dev_lock;
-	_Atomic(struct hmm_devcore *) device[HMM_MAX_DEVICES + 1];
+	_Atomic(struct hmm_mirror_core *) mirror[HMM_MAX_DEVICES + 1];
+	_Atomic unsigned int mirror_max;	/* highest id ever used */
+
+	/* Invalidations and device faults in flight (mirror.c). */
+	hmm_spinlock_t inval_lock;
+	struct hmm_range_node *invals, *faults;
+	_Atomic uint32_t inval_wake;		/* futex: bumped when an invalidation ends */
+	_Atomic uint32_t inval_waiters;
 
 	/* Waiting for busy pages (busy.c): a futex word and its waiter count. */
 	_Atomic uint32_t busy_wake;
@@ -244,17 +303,46 @@ void hmm_busy_unlock_range(struct hmm *hmm, uintptr_t start, uintptr_t end);
 
 /* device.c */
 
-/* The device with @id, or NULL. Lock-free; valid while a page naming it is busy. */
-static inline struct hmm_devcore *hmm_devcore(struct hmm *hmm, unsigned int id)
-{
-	return atomic_load_explicit(&hmm->device[id], memory_order_acquire);
-}
-/* The registered device behind @dev, or NULL. */
-struct hmm_devcore *hmm_devcore_of(struct hmm *hmm, const struct hmm_device *dev);
 /* Calls fence->ops->wait until it stops returning -EAGAIN; drops the reference. */
 int hmm_fence_wait_put(struct hmm_fence *fence);
-/* Unregisters every device (hmm_fini(): the regions are gone already). */
-void hmm_device_release_all(struct hmm *hmm);
+
+/* mirror.c */
+
+/* The mirror with @id, or NULL. Lock-free; valid while a page naming it is busy. */
+static inline struct hmm_mirror_core *hmm_mirror_by_id(struct hmm *hmm, unsigned int id)
+{
+	return atomic_load_explicit(&hmm->mirror[id], memory_order_acquire);
+}
+/* @hmm's mirror of @dev, or NULL. Lock-free, as hmm_mirror_by_id(). */
+struct hmm_mirror_core *hmm_mirror_of(struct hmm *hmm, const struct hmm_device *dev);
+/*
+ * Count a call on a mirror (migrations, faults): its release waits for the
+ * count to drain. NULL if there is none.
+ */
+struct hmm_mirror_core *hmm_mirror_get_of(struct hmm *hmm, const struct hmm_device *dev);
+struct hmm_mirror_core *hmm_mirror_get(struct hmm *hmm, unsigned int id);
+void hmm_mirror_put(struct hmm_mirror_core *mc);
+/* Releases every mirror (hmm_fini(): the regions are gone already). */
+void hmm_mirror_release_all(struct hmm *hmm);
+/* Releases @hmm's mirror of @dev if there is one. Context: init_lock held. */
+int hmm_mirror_release_device(struct hmm *hmm, struct hmm_device *dev);
+
+/*
+ * An invalidation of [start, end): begin before the pages change (after
+ * taking them busy), end after. Between the two, device faults that overlap
+ * back off. Signal-safe.
+ */
+void hmm_inval_begin(struct hmm *hmm, struct hmm_range_node *iv, uintptr_t start,
+		     uintptr_t end);
+void hmm_inval_end(struct hmm *hmm, struct hmm_range_node *iv);
+/*
+ * Sends @type for [start, end) to every mirror with entries there and waits
+ * for all their fences together; then clears those entries, folding the
+ * dirty bits the devices reported into the logical entries. Signal-safe.
+ * Context: inside hmm_inval_begin/end of a range covering [start, end).
+ */
+void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
+		       enum hmm_event_type type, const struct hmm_device *owner);
 
 /* migrate.c */
 
@@ -265,35 +353,38 @@ void hmm_device_release_all(struct hmm *hmm);
  * page's entry to release it with: its new place, or its old one for pages
  * that failed (their data intact where it was). Pages stay busy.
  * @owner: the device whose request this is (events name it), or NULL.
- * Return: 0; the first -errno a page failed with.
+ * Return: 0; the first -errno a page failed with; -ENODEV @to is being
+ * released (nothing moved).
  */
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
-		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner);
+		   struct hmm_mirror_core *to, struct hmm_mirror_core *from,
+		   const struct hmm_device *owner);
 /*
  * Every page of [start, end) is libhmm memory whose protection has
  * @need_prot? Return: 0; -EFAULT; -EACCES.
  */
 int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot);
 /*
- * For the busy pages of [start, end) on devices: sends @type (MUNMAP or
- * PROTECT) to each device holding them and waits; for MUNMAP also frees their
- * device frames (the caller then clears the entries).
+ * For [start, end), whose pages the caller holds busy: invalidates every
+ * mirror's entries with @type (MUNMAP or PROTECT) and waits; for MUNMAP also
+ * frees the device frames of pages on devices (the caller then clears the
+ * entries).
  */
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			      enum hmm_event_type type);
 /*
- * Makes room on @dc by evicting its least recently used chunk to the host.
+ * Makes room on @mc by evicting its least recently used chunk to the host.
  * @wait: the caller holds no busy page and waits for busy ones; otherwise
  * busy pages are skipped. Return: pages evicted.
  */
-size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait);
+size_t hmm_evict(struct hmm *hmm, struct hmm_mirror_core *mc, bool wait);
 /*
- * After a move to @dc failed with -ENOMEM while holding pages: the caller has
+ * After a move to @mc failed with -ENOMEM while holding pages: the caller has
  * released them; evict a chunk waiting for busy pages (the try-lock eviction
  * inside the move may have found every candidate busy). Counts @tries.
  * Return: true to retry the move; false to give up with -ENOMEM.
  */
-bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries);
+bool hmm_make_room(struct hmm *hmm, struct hmm_mirror_core *mc, unsigned int *tries);
 void hmm_migrate_stop(struct hmm *hmm);
 
 /* fault.c */
@@ -320,6 +411,9 @@ void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);
+/* init_lock (lock 0): hmm_init/fini, device and mirror registration and release. */
+void hmm_global_lock(void);
+void hmm_global_unlock(void);
 void hmm_fault_service_stop(struct hmm *hmm);
 
 #endif

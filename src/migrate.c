@@ -79,46 +79,26 @@ static bool is_on(hmm_pte_t e, unsigned int id)
 }
 
 /*
- * Sends @type for the pages of @b selected by @mask to every device holding
- * one, one event per device spanning its pages, and waits for all fences. A
- * span may cover pages the device does not map or that are not moving: a
- * drop is always safe, it costs at most a refault.
+ * The span [first, last page] of @b's pages selected by @mask, as addresses.
+ * Return: false if none is.
  */
-static void drop_devices(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask,
-			 enum hmm_event_type type, const struct hmm_device *owner)
+static bool mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t *start,
+		      uintptr_t *end)
 {
-	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
-	uint64_t done[HMM_BATCH_PAGES / 64] = { 0 };
-	struct fence_set fs = { .nr = 0 };
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT, first = n, last = 0;
 
 	for (size_t i = 0; i < n; i++) {
-		unsigned int id;
-		size_t first = i, last = i;
-		struct hmm_devcore *dc;
-		struct hmm_fence *f = NULL;
-
-		if (!hmm_bit_test(mask, i) || hmm_bit_test(done, i) ||
-		    hmm_pte_state(b->old[i]) != HMM_PTE_DEVICE)
-			continue;
-		id = hmm_pte_device(b->old[i]);
-		for (size_t j = i; j < n; j++) {
-			if (hmm_bit_test(mask, j) && is_on(b->old[j], id)) {
-				hmm_bit_set(done, j);
-				last = j;
-			}
+		if (hmm_bit_test(mask, i)) {
+			if (first == n)
+				first = i;
+			last = i;
 		}
-		dc = hmm_devcore(hmm, id);
-		hmm_assert(dc);
-		struct hmm_event ev = {
-			.type = type,
-			.start = b->start + (first << HMM_PAGE_SHIFT),
-			.end = b->start + ((last + 1) << HMM_PAGE_SHIFT),
-			.owner = owner,
-		};
-		dc->dev->ops->update(dc->dev, &ev, &f);
-		fences_add(&fs, f, 0, NULL);
 	}
-	fences_wait(&fs, NULL);
+	if (first == n)
+		return false;
+	*start = b->start + (first << HMM_PAGE_SHIFT);
+	*end = b->start + ((last + 1) << HMM_PAGE_SHIFT);
+	return true;
 }
 
 /* Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault. */
@@ -155,7 +135,7 @@ struct move {
 	struct hmm *hmm;
 	const struct hmm_span *span;
 	struct hmm_busy *b;
-	struct hmm_devcore *to;
+	struct hmm_mirror_core *to;
 	size_t n;
 	uint8_t how[HMM_BATCH_PAGES];
 	int err[HMM_BATCH_PAGES];	/* per page: 0 or why it stays */
@@ -173,7 +153,7 @@ static uintptr_t page_addr(const struct move *m, size_t i)
 /* Allocates destination frames for every page that needs one, evicting as needed. */
 static void alloc_frames(struct move *m)
 {
-	struct hmm_devcore *to = m->to;
+	struct hmm_mirror_core *to = m->to;
 
 	for (size_t i = 0; i < m->n;) {
 		size_t j;
@@ -230,9 +210,9 @@ static int issue_copy(struct move *m, struct hmm_device *dev, struct hmm_copy *c
 }
 
 /* Device frame addresses of the device-side pages of slots [0, nr). */
-static int device_addrs(struct hmm_devcore *dc, const uint64_t *frames, size_t nr, uint64_t *out)
+static int device_addrs(struct hmm_mirror_core *mc, const uint64_t *frames, size_t nr, uint64_t *out)
 {
-	return hmm_devmem_frame_addr(&dc->mem, frames, nr, out);
+	return hmm_devmem_frame_addr(&mc->mem, frames, nr, out);
 }
 
 /*
@@ -242,7 +222,7 @@ static int device_addrs(struct hmm_devcore *dc, const uint64_t *frames, size_t n
  */
 static void copy_pages(struct move *m)
 {
-	struct hmm_devcore *to = m->to;
+	struct hmm_mirror_core *to = m->to;
 	struct fence_set fs = { .nr = 0 };
 	uint64_t frames[HMM_BATCH_PAGES];
 	/* Groups: 0 zero, 1 host, 2.. a source device each (tag = 2 + k). */
@@ -291,7 +271,7 @@ static void copy_pages(struct move *m)
 	}
 
 	for (unsigned int k = 0; k < nr_src; k++) {
-		struct hmm_devcore *from = hmm_devcore(m->hmm, src_ids[k]);
+		struct hmm_mirror_core *from = hmm_mirror_by_id(m->hmm, src_ids[k]);
 		struct hmm_copy c = { .src_device = from->dev, .dst_device = to ? to->dev : NULL };
 		int tag = 2 + (int)k;
 
@@ -383,15 +363,17 @@ static void free_source_frames(struct hmm *hmm, struct move *m)
 			hmm_bit_set(done, j);
 			frames[nr++] = hmm_pte_frame(m->b->old[j]);
 		}
-		hmm_devmem_free(&hmm_devcore(hmm, id)->mem, frames, nr);
+		hmm_devmem_free(&hmm_mirror_by_id(hmm, id)->mem, frames, nr);
 	}
 }
 
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
-		   struct hmm_devcore *to, struct hmm_devcore *from, const struct hmm_device *owner)
+		   struct hmm_mirror_core *to, struct hmm_mirror_core *from, const struct hmm_device *owner)
 {
 	uint64_t counted[FROM_DEVICE + 1] = { 0 };
 	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
+	struct hmm_range_node iv;
+	uintptr_t drop_start, drop_end;
 	unsigned int to_id = to ? to->id : 0;
 	bool any = false;
 	int ret = 0;
@@ -401,6 +383,8 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	 */
 	struct move mv, *m = &mv;
 
+	if (to && atomic_load(&to->dying))
+		return -ENODEV;
 	memset(m->allocated, 0, sizeof(m->allocated));
 	m->hmm = hmm;
 	m->span = span;
@@ -426,6 +410,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 			m->how[i] = ZERO;
 		} else if (to && st == HMM_PTE_HOST) {
 			m->how[i] = FROM_HOST;
+			hmm_bit_set(drop, i);	/* mirrors may map its host frame */
 			hmm_bit_set(zap, i);
 		} else if (to && st == HMM_PTE_DEVICE) {
 			hmm_devmem_touch(&to->mem, (uint64_t[]){ hmm_pte_frame(e) }, 1);
@@ -434,7 +419,17 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	}
 	if (!any)
 		return 0;
-	drop_devices(hmm, b, drop, HMM_EVENT_MIGRATE, owner);
+	/*
+	 * An invalidation (mirror.c) from here until the pages are committed:
+	 * device faults over these pages back off.
+	 */
+	if (!mask_span(b, drop, &drop_start, &drop_end)) {
+		drop_start = b->start;
+		drop_end = b->start;	/* only zero-fills: nothing is mapped anywhere */
+	}
+	hmm_inval_begin(hmm, &iv, drop_start, drop_end);
+	if (drop_end > drop_start)
+		hmm_inval_mirrors(hmm, drop_start, drop_end, HMM_EVENT_MIGRATE, owner);
 	zap_cpu(b, zap);
 
 	/* Phase 2: destination frames, then the copies. */
@@ -461,6 +456,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 				 hmm_pte_make(HMM_PTE_HOST, 0, 0, flags);
 	}
 	free_source_frames(hmm, m);
+	hmm_inval_end(hmm, &iv);
 	hmm_count(to ? &hmm->stat.pages_device_to_device : &hmm->stat.pages_to_host,
 		  counted[FROM_DEVICE]);
 	hmm_count(&hmm->stat.pages_zeroed_on_device, counted[ZERO]);
@@ -471,33 +467,18 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			      enum hmm_event_type type)
 {
-	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
-	struct hmm_busy b;
+	struct hmm_range_node iv;
 
-	for (uintptr_t a = start; a < end; a = b.end) {
-		bool any = false;
+	hmm_inval_begin(hmm, &iv, start, end);
+	hmm_inval_mirrors(hmm, start, end, type, NULL);
+	for (uintptr_t a = start; a < end && type == HMM_EVENT_MUNMAP; a += HMM_PAGE_SIZE) {
+		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
+		uint64_t f = hmm_pte_frame(e);
 
-		b.start = a;
-		b.end = end - a > batch ? a + batch : end;
-		memset(b.taken, 0, sizeof(b.taken));
-		for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++) {
-			b.old[i] = hmm_pt_lookup(&hmm->pt, a + (i << HMM_PAGE_SHIFT)) & ~HMM_PTE_BUSY;
-			if (hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE) {
-				hmm_bit_set(b.taken, i);
-				any = true;
-			}
-		}
-		if (!any)
-			continue;
-		drop_devices(hmm, &b, b.taken, type, NULL);
-		for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT) && type == HMM_EVENT_MUNMAP;
-		     i++) {
-			uint64_t f = hmm_pte_frame(b.old[i]);
-
-			if (hmm_bit_test(b.taken, i))
-				hmm_devmem_free(&hmm_devcore(hmm, hmm_pte_device(b.old[i]))->mem, &f, 1);
-		}
+		if (hmm_pte_state(e) == HMM_PTE_DEVICE)
+			hmm_devmem_free(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem, &f, 1);
 	}
+	hmm_inval_end(hmm, &iv);
 }
 
 /* ---- Eviction --------------------------------------------------------------- */
@@ -510,11 +491,11 @@ static int cmp_owner(const void *a, const void *b)
 }
 
 /*
- * Moves the pages of [start, end) that are on @dc to the host. @wait: take
+ * Moves the pages of [start, end) that are on @mc to the host. @wait: take
  * the pages with hmm_busy_lock() (the caller holds no busy page) rather than
  * skipping busy ones. Return: pages moved.
  */
-static size_t evict_window(struct hmm *hmm, struct hmm_devcore *dc, uintptr_t start,
+static size_t evict_window(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_t start,
 			   uintptr_t end, bool wait)
 {
 	size_t moved = 0;
@@ -531,7 +512,7 @@ static size_t evict_window(struct hmm *hmm, struct hmm_devcore *dc, uintptr_t st
 		b.end = s.end;
 		if ((wait ? hmm_busy_lock(hmm, &b) : hmm_busy_trylock(hmm, &b)) == 0) {
 			if (hmm_span_valid(hmm, &s)) {
-				hmm_move_pages(hmm, &s, &b, NULL, dc, NULL);
+				hmm_move_pages(hmm, &s, &b, NULL, mc, NULL);
 				for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++)
 					moved += hmm_busy_taken(&b, i) && b.new[i] != b.old[i];
 			}
@@ -543,11 +524,11 @@ static size_t evict_window(struct hmm *hmm, struct hmm_devcore *dc, uintptr_t st
 	return moved;
 }
 
-size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
+size_t hmm_evict(struct hmm *hmm, struct hmm_mirror_core *mc, bool wait)
 {
 	uint64_t frames[HMM_DEVMEM_CHUNK_PAGES];
 	uintptr_t owners[HMM_DEVMEM_CHUNK_PAGES];
-	size_t n = hmm_devmem_lru_chunk(&dc->mem, frames, owners), moved = 0;
+	size_t n = hmm_devmem_lru_chunk(&mc->mem, frames, owners), moved = 0;
 
 	if (!n)
 		return 0;
@@ -559,11 +540,11 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
 		/* A window: owners ascending, at most a batch, starting at the first. */
 		while (j < n && owners[j] < start + ((uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT))
 			end = owners[j++] + HMM_PAGE_SIZE;
-		moved += evict_window(hmm, dc, start, end, wait);
+		moved += evict_window(hmm, mc, start, end, wait);
 		i = j;
 	}
 	if (!moved)
-		hmm_devmem_touch(&dc->mem, frames, 1);	/* let the next try see another chunk */
+		hmm_devmem_touch(&mc->mem, frames, 1);	/* let the next try see another chunk */
 	hmm_count(&hmm->stat.pages_evicted, moved);
 	return moved;
 }
@@ -576,7 +557,7 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_devcore *dc, bool wait)
  * otherwise every other one, those whose index has that parity.
  */
 static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
-			   struct hmm_devcore *to, unsigned int parity)
+			   struct hmm_mirror_core *to, unsigned int parity)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
 	unsigned int tries = 0;
@@ -629,7 +610,7 @@ static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
  */
 struct hmm_mig_share {
 	uintptr_t start, end;
-	struct hmm_devcore *to;
+	struct hmm_mirror_core *to;
 	int ret;
 	_Atomic uint32_t done;			/* futex word: 1 when ret is set */
 };
@@ -641,7 +622,7 @@ void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share)
 	syscall(SYS_futex, &share->done, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
-static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to)
+static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_mirror_core *to)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
 	struct hmm_mig_share share = { .start = start, .end = end, .to = to };
@@ -658,7 +639,7 @@ static int migrate_range(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 	return ret ? ret : share.ret;
 }
 
-bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries)
+bool hmm_make_room(struct hmm *hmm, struct hmm_mirror_core *mc, unsigned int *tries)
 {
 	/*
 	 * Other threads may take the room we make before we retry, and pages
@@ -666,9 +647,9 @@ bool hmm_make_room(struct hmm *hmm, struct hmm_devcore *dc, unsigned int *tries)
 	 * whatever eviction achieved. A backend that is truly full with nothing
 	 * on it fails fast: each round is one empty LRU lookup.
 	 */
-	if (++*tries > 64 + 2 * hmm_devmem_chunks(&dc->mem))
+	if (++*tries > 64 + 2 * hmm_devmem_chunks(&mc->mem))
 		return false;
-	if (!hmm_evict(hmm, dc, true))
+	if (!hmm_evict(hmm, mc, true))
 		sched_yield();
 	return true;
 }
@@ -743,7 +724,7 @@ static void *migrate_thread(void *arg)
 	pthread_mutex_lock(&hmm->mig_lock);
 	for (;;) {
 		struct hmm_mig_job *job = hmm->mig_head;
-		struct hmm_devcore *to;
+		struct hmm_mirror_core *to;
 		int ret;
 
 		if (!job) {
@@ -758,8 +739,10 @@ static void *migrate_thread(void *arg)
 		pthread_mutex_unlock(&hmm->mig_lock);
 
 		/* The device may have gone since the job was queued. */
-		to = job->to ? hmm_devcore(hmm, job->to) : NULL;
+		to = job->to ? hmm_mirror_get(hmm, job->to) : NULL;
 		ret = job->to && !to ? -ENODEV : migrate_range(hmm, job->start, job->end, to);
+		if (to)
+			hmm_mirror_put(to);
 		pthread_mutex_lock(&job->fence->lock);
 		job->fence->err = ret;
 		job->fence->done = true;
@@ -774,7 +757,7 @@ static void *migrate_thread(void *arg)
 	return NULL;
 }
 
-static int migrate_async(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_devcore *to,
+static int migrate_async(struct hmm *hmm, uintptr_t start, uintptr_t end, struct hmm_mirror_core *to,
 			 struct hmm_fence **fence)
 {
 	struct hmm_mig_job *job = calloc(1, sizeof(*job));
@@ -831,18 +814,22 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 		unsigned int flags, struct hmm_fence **fence)
 {
 	uintptr_t start = (uintptr_t)addr, end = start + length;
-	struct hmm_devcore *dc = NULL;
+	struct hmm_mirror_core *mc = NULL;
 	int ret;
 
 	if (!hmm_is_live(hmm) || !length || (start | length) & ~HMM_PAGE_MASK ||
 	    !hmm_range_valid(start, end) || flags)
 		return -EINVAL;
-	if (to && !(dc = hmm_devcore_of(hmm, to)))
+	if (to && !(mc = hmm_mirror_get_of(hmm, to)))
 		return -EINVAL;
-	ret = hmm_range_check(hmm, start, end, 0);
-	if (ret)
-		return ret;
-	if (fence)
-		return migrate_async(hmm, start, end, dc, fence);
-	return migrate_range(hmm, start, end, dc);
+	if (mc && !mc->has_memory)
+		ret = -EOPNOTSUPP;
+	else
+		ret = hmm_range_check(hmm, start, end, 0);
+	if (!ret)
+		ret = fence ? migrate_async(hmm, start, end, mc, fence) :
+			      migrate_range(hmm, start, end, mc);
+	if (mc)
+		hmm_mirror_put(mc);
+	return ret;
 }

@@ -28,6 +28,7 @@
 
 struct fake_device {
 	struct hmm_device dev;
+	struct hmm_mirror mirror;
 	char *arena;
 	unsigned int nr_chunks;
 	bool used[64];
@@ -106,13 +107,29 @@ static const struct hmm_fence_ops fake_fence_ops = {
 	.release = fake_fence_release,
 };
 
-static int fake_update(struct hmm_device *dev, const struct hmm_event *ev, struct hmm_fence **f)
+static int fake_map_one(void *arg, uintptr_t a, hmm_dpte_t e)
 {
-	struct fake_device *fd = fake_of(dev);
+	struct fake_device *fd = arg;
+	size_t i = (a - fd->window) / 4096;
 
-	*f = NULL;
+	if (a >= fd->window && i < FAKE_WINDOW_PAGES)
+		fd->entry[i] = e;
+	return 0;
+}
+
+static int fake_update(struct hmm_mirror *mirror, const struct hmm_event *ev,
+		       struct hmm_fence **f)
+{
+	struct fake_device *fd = (struct fake_device *)mirror->device;
+
+	if (f)
+		*f = NULL;
+	if (ev->type == HMM_EVENT_ISDIRTY)
+		return 0;	/* it reports writes with the drops (fake_write()) */
 	pthread_mutex_lock(&fd->lock);
-	for (uintptr_t a = ev->start; a < ev->end; a += 4096) {
+	if (ev->type == HMM_EVENT_MAP)
+		hmm_mirror_walk(mirror, ev->start, ev->end, fake_map_one, fd);
+	for (uintptr_t a = ev->start; a < ev->end && ev->type != HMM_EVENT_MAP; a += 4096) {
 		size_t i = (a - fd->window) / 4096;
 
 		if (ev->type == HMM_EVENT_RELEASE) {
@@ -121,7 +138,7 @@ static int fake_update(struct hmm_device *dev, const struct hmm_event *ev, struc
 		}
 		if (a < fd->window || i >= FAKE_WINDOW_PAGES)
 			continue;
-		fd->entry[i] = ev->type == HMM_EVENT_MAP ? ev->entry[(a - ev->start) / 4096] : 0;
+		fd->entry[i] = 0;
 	}
 	pthread_mutex_unlock(&fd->lock);
 	atomic_fetch_add(ev->type == HMM_EVENT_MAP ? &fd->maps : &fd->drops, 1);
@@ -209,9 +226,9 @@ static int fake_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hm
 	return 0;
 }
 
-static void fake_release(struct hmm_device *dev)
+static void fake_release(struct hmm_mirror *mirror)
 {
-	atomic_fetch_add(&fake_of(dev)->released, 1);
+	atomic_fetch_add(&fake_of(mirror->device)->released, 1);
 }
 
 static const struct hmm_device_ops fake_ops = {
@@ -229,6 +246,7 @@ static inline struct fake_device *fake_new(unsigned int nr_chunks)
 	CHECK(fd && nr_chunks <= 64);
 	fd->dev.ops = &fake_ops;
 	fd->dev.name = "fake";
+	fd->mirror.device = &fd->dev;
 	fd->nr_chunks = nr_chunks;
 	fd->arena = aligned_alloc(4096, (size_t)(nr_chunks ? nr_chunks : 1) * FAKE_CHUNK);
 	CHECK(fd->arena);
@@ -243,6 +261,13 @@ static inline void fake_free(struct fake_device *fd)
 	pthread_mutex_destroy(&fd->lock);
 	free(fd->arena);
 	free(fd);
+}
+
+/* Registers @fd and attaches it to @hmm. */
+static inline void fake_attach(struct hmm *hmm, struct fake_device *fd)
+{
+	CHECK_EQ(hmm_device_register(&fd->dev), 0);
+	CHECK_EQ(hmm_mirror_register(hmm, &fd->mirror), 0);
 }
 
 /* Sets a countdown knob; the core's threads read them under the lock. */

@@ -81,7 +81,7 @@ static struct fake_device *device(unsigned int chunks)
 {
 	struct fake_device *fd = fake_new(chunks);
 
-	CHECK_EQ(hmm_device_register(hmm, &fd->dev), 0);
+	fake_attach(hmm, fd);
 	return fd;
 }
 
@@ -209,8 +209,8 @@ static void oversubscription(void)
 	fill(p, len, 5);
 	for (int round = 0; round < 2; round++) {
 		for (size_t off = 0; off < len; off += block) {
-			CHECK_EQ(hmm_device_fault(&fd->dev, (uintptr_t)p + off,
-						  (uintptr_t)p + off + block, HMM_DEVICE_FAULT_WRITE), 0);
+			CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p + off,
+						  (uintptr_t)p + off + block, HMM_FAULT_WRITE), 0);
 			for (size_t o = off; o < off + block; o += 8) {
 				uint64_t *d = (uint64_t *)fake_translate(fd, (uintptr_t)p + o);
 
@@ -374,11 +374,16 @@ static void munmap_frees_device_frames(void)
 	size_t len = 4 * MiB;
 	char *p = map(len);
 
+	fd->window = (uintptr_t)p;
 	fill(p, len, 10);
 	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
+	/* A migration maps nothing on the device; a device fault does. */
+	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p + MiB, (uintptr_t)p + MiB + PAGE, 0), 0);
+	CHECK(fake_translate(fd, (uintptr_t)p + MiB));
 	CHECK_EQ(hmm_munmap(hmm, p + MiB, MiB), 0);
 	CHECK_EQ(hmm_device_mem_used(&fd->dev), 3 * MiB);
 	CHECK(atomic_load(&fd->drops) >= 1);
+	CHECK(!fake_translate(fd, (uintptr_t)p + MiB));
 	verify(p, MiB, 10);
 	verify(p + 2 * MiB, 2 * MiB, 10);
 	CHECK_EQ(hmm_migrate(hmm, p, MiB, &fd->dev, 0, NULL), 0);
@@ -462,7 +467,7 @@ static void enomem_keeps_data(void)
 	fill(p, len, 13);
 	fill(q, len, 14);
 	CHECK_EQ(hmm_migrate(hmm, p, len, &none->dev, 0, NULL), -ENOMEM);
-	CHECK_EQ(hmm_device_fault(&none->dev, (uintptr_t)p, (uintptr_t)p + PAGE, 0), -ENOMEM);
+	CHECK_EQ(hmm_mirror_fault(&none->mirror, (uintptr_t)p, (uintptr_t)p + PAGE, 0), -ENOMEM);
 	verify(p, len, 13);
 	/* A full device evicts what it can; when the backend still refuses, -ENOMEM. */
 	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
@@ -496,6 +501,8 @@ static void unregister_brings_pages_home(void)
 static void bad_input(void)
 {
 	struct fake_device *fd = device(1), never = { .dev.ops = &fake_ops };
+
+	never.mirror.device = &never.dev;
 	char *p = map(2 * PAGE);
 	char *foreign = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	struct hmm_fence *f = NULL;
@@ -513,23 +520,27 @@ static void bad_input(void)
 	CHECK_EQ(hmm_migrate(hmm, foreign, PAGE, NULL, 0, &f), -EFAULT);
 	CHECK(f == NULL);
 	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
-	CHECK_EQ(hmm_device_fault(&fd->dev, (uintptr_t)foreign, (uintptr_t)foreign + PAGE, 0),
+	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)foreign, (uintptr_t)foreign + PAGE, 0),
 		 -EFAULT);
-	CHECK_EQ(hmm_device_fault(&never.dev, (uintptr_t)p, (uintptr_t)p + PAGE, 0), -EINVAL);
-	CHECK_EQ(hmm_device_fault(&fd->dev, (uintptr_t)p + PAGE, (uintptr_t)p, 0), -EINVAL);
-	CHECK_EQ(hmm_device_fault(&fd->dev, (uintptr_t)p, (uintptr_t)p + PAGE, 2), -EINVAL);
+	CHECK_EQ(hmm_mirror_fault(&never.mirror, (uintptr_t)p, (uintptr_t)p + PAGE, 0), -ENODEV);
+	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p + PAGE, (uintptr_t)p, 0), -EINVAL);
+	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p, (uintptr_t)p + PAGE, 2), -EINVAL);
 	CHECK_EQ(hmm_mprotect(hmm, p, PAGE, PROT_READ), 0);
-	CHECK_EQ(hmm_device_fault(&fd->dev, (uintptr_t)p, (uintptr_t)p + PAGE,
-				  HMM_DEVICE_FAULT_WRITE), -EACCES);
-	CHECK_EQ(hmm_device_register(hmm, NULL), -EINVAL);
-	CHECK_EQ(hmm_device_register(hmm, &fd->dev), -EBUSY);
-	CHECK_EQ(hmm_device_register(NULL, &never.dev), -EINVAL);
+	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p, (uintptr_t)p + PAGE,
+				  HMM_FAULT_WRITE), -EACCES);
+	CHECK_EQ(hmm_device_register(NULL), -EINVAL);
+	CHECK_EQ(hmm_device_register(&fd->dev), -EBUSY);
+	CHECK_EQ(hmm_mirror_register(hmm, &never.mirror), -ENODEV);	/* device not registered */
+	CHECK_EQ(hmm_mirror_register(hmm, &fd->mirror), -EBUSY);
+	CHECK_EQ(hmm_mirror_register(NULL, &fd->mirror), -EINVAL);
+	CHECK_EQ(hmm_mirror_register(hmm, NULL), -EINVAL);
+	CHECK_EQ(hmm_mirror_unregister(&never.mirror), -ENOENT);
 	{
 		struct hmm_device_ops partial = fake_ops;
 		struct fake_device half = { .dev.ops = &partial };
 
 		partial.copy = NULL;
-		CHECK_EQ(hmm_device_register(hmm, &half.dev), -EINVAL);
+		CHECK_EQ(hmm_device_register(&half.dev), -EINVAL);
 	}
 	CHECK_EQ(hmm_device_unregister(NULL), -EINVAL);
 	CHECK_EQ(hmm_device_unregister(&never.dev), -ENOENT);
@@ -537,6 +548,7 @@ static void bad_input(void)
 	CHECK_EQ(hmm_munmap(hmm, p, 2 * PAGE), 0);
 	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
 	CHECK_EQ(hmm_device_unregister(&fd->dev), -ENOENT);	/* twice */
+	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), -ENOENT);	/* released with its device */
 	CHECK_EQ(atomic_load(&fd->released), 1);
 	fake_free(fd);
 	munmap(foreign, PAGE);
@@ -555,7 +567,9 @@ static void fini_releases_devices(enum hmm_fault_mode m)
 	CHECK_EQ(hmm_migrate(hmm, p, MiB, &fd->dev, 0, NULL), 0);
 	CHECK_EQ(hmm_fini(hmm), 0);
 	CHECK_EQ(atomic_load(&fd->released), 1);
-	CHECK_EQ(hmm_device_unregister(&fd->dev), -ENOENT);
+	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), -ENOENT);	/* released by hmm_fini() */
+	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);	/* the device outlives the address space */
+	CHECK_EQ(atomic_load(&fd->released), 1);
 	fake_free(fd);
 }
 

@@ -181,7 +181,7 @@ static int update(struct simdev *sd, enum hmm_event_type type, uintptr_t start, 
 				.entry = entry };
 
 	*fence = (struct hmm_fence *)1;
-	return dev->ops->update(dev, &ev, fence);
+	return dev->ops->update(simdev_mirror(sd), &ev, fence);
 }
 
 static void map(struct simdev *sd, uintptr_t start, size_t npages, const uint64_t *entry)

@@ -138,15 +138,15 @@ static int mmu_fault(struct simdev_thread *t, uintptr_t addr, bool write)
 	struct simdev *sd = t->sd;
 	uintptr_t page = addr & ~PAGE_OFFSET_MASK;
 	uintptr_t start = addr & ~(uintptr_t)(sd->fault_bytes - 1);
-	unsigned int flags = write ? HMM_DEVICE_FAULT_WRITE : 0;
+	unsigned int flags = write ? HMM_FAULT_WRITE : 0;
 	int err;
 
 	simdev_thread_quiesce(t);
 	simdev_count(&sd->stat.faults, 1);
-	err = hmm_device_fault(&sd->dev, start, start + sd->fault_bytes, flags);
+	err = hmm_mirror_fault(&sd->mirror, start, start + sd->fault_bytes, flags);
 	if (err && sd->fault_bytes > SIMDEV_PAGE_SIZE) {
 		simdev_count(&sd->stat.faults, 1);
-		err = hmm_device_fault(&sd->dev, page, page + SIMDEV_PAGE_SIZE, flags);
+		err = hmm_mirror_fault(&sd->mirror, page, page + SIMDEV_PAGE_SIZE, flags);
 	}
 	simdev_thread_resume(t);
 	if (err)
@@ -180,6 +180,20 @@ static char *tlb_miss(struct simdev_thread *t, uintptr_t addr, bool write)
 		}
 		if ((dpte & HMM_DPTE_VALID) && (!write || (dpte & HMM_DPTE_WRITE))) {
 			char *page = dpte_page(sd, dpte);
+
+			/*
+			 * A write marks the entry dirty before it uses it, with a
+			 * compare-and-swap that fails if a drop cleared the entry
+			 * meanwhile (then walk again): every write through a TLB
+			 * entry is covered by a dirty bit the drop reports.
+			 */
+			if (write && !(dpte & HMM_DPTE_DIRTY)) {
+				if (!atomic_compare_exchange_strong_explicit(
+					    &pte->dpte, &dpte, dpte | HMM_DPTE_DIRTY,
+					    memory_order_acq_rel, memory_order_relaxed))
+					continue;
+				dpte |= HMM_DPTE_DIRTY;
+			}
 
 			if (!page) {
 				/* The core mapped an address that names no page. */
@@ -217,7 +231,9 @@ static inline char *translate(struct simdev_thread *t, uintptr_t addr, bool writ
 		atomic_store_explicit(&t->active, gen, memory_order_release);
 	}
 	e = &t->tlb[vpn % SIMDEV_TLB_ENTRIES];
-	if (simdev_likely(e->vpn == vpn && (!write || (e->dpte & HMM_DPTE_WRITE)))) {
+	if (simdev_likely(e->vpn == vpn &&
+			  (!write || (e->dpte & (HMM_DPTE_WRITE | HMM_DPTE_DIRTY)) ==
+				     (HMM_DPTE_WRITE | HMM_DPTE_DIRTY)))) {
 		if (simdev_unlikely(atomic_load_explicit(&e->pte->dpte, memory_order_relaxed) != e->dpte ||
 				    atomic_load_explicit(&e->pte->version, memory_order_relaxed) != e->version))
 			tlb_hit_changed(t, e, write);

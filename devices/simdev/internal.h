@@ -165,7 +165,7 @@ struct simdev_mmu {
 
 int simdev_mmu_init(struct simdev *sd);
 void simdev_mmu_fini(struct simdev *sd);
-int simdev_mmu_update(struct hmm_device *dev, const struct hmm_event *event,
+int simdev_mmu_update(struct hmm_mirror *mirror, const struct hmm_event *event,
 		      struct hmm_fence **fence);
 
 /* The slot of virtual page @vpn, or NULL when no leaf covers it. Lock-free. */
@@ -255,12 +255,14 @@ struct simdev_counters {
 #define SIMDEV_NR_INJECT	(SIMDEV_FENCE_EIO + 1)
 
 struct simdev {
-	struct hmm_device dev;		/* the core's view */
+	struct hmm_device dev;		/* the core's view of the device */
+	struct hmm_mirror mirror;	/* ... and of its view of the address space */
 	char *name;
 	unsigned int nr_threads;
 	size_t fault_bytes;		/* power of two, 4 KiB .. 2 MiB */
-	/* Between hmm_device_register() and the core's release(). */
-	atomic_bool registered;
+	bool memoryless;		/* SIMDEV_MEMORYLESS: maps host frames only */
+	/* Between hmm_mirror_register() and the core's release(). */
+	atomic_bool mirrored;
 
 	struct simdev_mem mem;
 	struct simdev_mmu mmu;
@@ -272,14 +274,19 @@ struct simdev {
 	struct simdev_counters stat;
 };
 
-extern const struct hmm_device_ops simdev_ops;
+extern const struct hmm_device_ops simdev_ops, simdev_memoryless_ops;
 
 static inline struct simdev *to_simdev(const struct hmm_device *dev)
 {
 	return container_of(dev, struct simdev, dev);
 }
 
-/* Is @dev a simdev (and so its arena reachable from ours)? */
+static inline struct simdev *mirror_simdev(const struct hmm_mirror *mirror)
+{
+	return container_of(mirror, struct simdev, mirror);
+}
+
+/* Is @dev a simdev with memory (and so its arena reachable from ours)? */
 static inline bool simdev_is_simdev(const struct hmm_device *dev)
 {
 	return dev && dev->ops == &simdev_ops;

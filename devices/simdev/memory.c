@@ -29,6 +29,8 @@ int simdev_mem_init(struct simdev *sd, size_t bytes)
 
 	mem->nr_chunks = bytes / HMM_DEVICE_CHUNK_SIZE;
 	mem->bytes = (size_t)mem->nr_chunks * HMM_DEVICE_CHUNK_SIZE;
+	if (!mem->nr_chunks)
+		return 0;		/* SIMDEV_MEMORYLESS */
 	words = (mem->nr_chunks + WORD_BITS - 1) / WORD_BITS;
 	mem->used = calloc(words, sizeof(*mem->used));
 	if (!mem->used)

@@ -172,6 +172,7 @@ struct simdev_pte *simdev_pt_lookup(struct simdev *sd, uintptr_t vpn)
  */
 static bool pt_clear(struct simdev *sd, uintptr_t vpn, uintptr_t end, uint64_t version)
 {
+	struct hmm_mirror *mirror = &sd->mirror;
 	bool cleared = false;
 
 	if (end > VPN_END)
@@ -193,10 +194,20 @@ static bool pt_clear(struct simdev *sd, uintptr_t vpn, uintptr_t end, uint64_t v
 		for (; leaf && vpn < next; vpn++) {
 			struct simdev_pte *pte = &leaf->pte[vpn % LEAF_SLOTS];
 
+			uint64_t old;
+
 			if (!atomic_load_explicit(&pte->dpte, memory_order_relaxed))
 				continue;
 			atomic_store_explicit(&pte->version, version, memory_order_relaxed);
-			atomic_store_explicit(&pte->dpte, 0, memory_order_release);
+			/*
+			 * Exchange, not store: a writer sets the dirty bit with a
+			 * compare-and-swap on the entry (access.c), so either it
+			 * lands before this and is reported, or it fails and the
+			 * writer walks again and faults.
+			 */
+			old = atomic_exchange_explicit(&pte->dpte, 0, memory_order_acq_rel);
+			if (old & HMM_DPTE_DIRTY)
+				hmm_mirror_set_dirty(mirror, vpn << SIMDEV_PAGE_SHIFT);
 			cleared = true;
 		}
 		vpn = next;
@@ -217,6 +228,23 @@ static bool range_valid(uintptr_t start, uintptr_t end)
  * fails for memory programs nothing: the core then treats the range as never
  * mapped, and that must be true.
  */
+static void map_one(struct simdev_pte *pte, hmm_dpte_t entry)
+{
+	uint64_t old = atomic_load_explicit(&pte->dpte, memory_order_relaxed), new;
+
+	/*
+	 * The core's dirty bit is its bookkeeping, not ours; ours (set by
+	 * writes) survives a MAP of the same page, which only adds permission.
+	 */
+	do {
+		new = entry & ~HMM_DPTE_DIRTY;
+		if (hmm_dpte_addr(old) == hmm_dpte_addr(new) && (old & HMM_DPTE_VALID))
+			new |= old & HMM_DPTE_DIRTY;
+		/* Release: a thread that walks to this entry sees the page's data. */
+	} while (!atomic_compare_exchange_weak_explicit(&pte->dpte, &old, new,
+							memory_order_release, memory_order_relaxed));
+}
+
 static int mmu_map(struct simdev *sd, const struct hmm_event *ev)
 {
 	uintptr_t vpn = ev->start >> SIMDEV_PAGE_SHIFT, end = ev->end >> SIMDEV_PAGE_SHIFT;
@@ -229,12 +257,8 @@ static int mmu_map(struct simdev *sd, const struct hmm_event *ev)
 		if (!dir || !pt_leaf(dir, v, true))
 			return -ENOMEM;
 	}
-	for (uintptr_t v = vpn; v < end; v++) {
-		struct simdev_pte *pte = simdev_pt_lookup(sd, v);
-
-		/* Release: a thread that walks to this entry sees the page's data. */
-		atomic_store_explicit(&pte->dpte, ev->entry[v - vpn], memory_order_release);
-	}
+	for (uintptr_t v = vpn; v < end; v++)
+		map_one(simdev_pt_lookup(sd, v), ev->entry[v - vpn]);
 	simdev_count(&sd->stat.maps, 1);
 	return 0;
 }
@@ -367,10 +391,22 @@ static void mmu_drop(struct simdev *sd, uintptr_t vpn, uintptr_t end, struct hmm
 	*fence = &f->base;
 }
 
-int simdev_mmu_update(struct hmm_device *dev, const struct hmm_event *event,
+/* HMM_EVENT_ISDIRTY: report the written pages of [vpn, end); they stay written. */
+static int report_dirty(void *arg, uintptr_t addr, hmm_dpte_t entry)
+{
+	struct simdev *sd = arg;
+	struct simdev_pte *pte = simdev_pt_lookup(sd, addr >> SIMDEV_PAGE_SHIFT);
+
+	(void)entry;
+	if (pte && (atomic_load_explicit(&pte->dpte, memory_order_acquire) & HMM_DPTE_DIRTY))
+		hmm_mirror_set_dirty(&sd->mirror, addr);
+	return 0;
+}
+
+int simdev_mmu_update(struct hmm_mirror *mirror, const struct hmm_event *event,
 		      struct hmm_fence **fence)
 {
-	struct simdev *sd = to_simdev(dev);
+	struct simdev *sd = mirror_simdev(mirror);
 
 	if (fence)
 		*fence = NULL;
@@ -379,9 +415,13 @@ int simdev_mmu_update(struct hmm_device *dev, const struct hmm_event *event,
 	switch (event->type) {
 	case HMM_EVENT_MAP:
 		return mmu_map(sd, event);
+	case HMM_EVENT_ISDIRTY:
+		hmm_mirror_walk(mirror, event->start, event->end, report_dirty, sd);
+		return 0;
 	case HMM_EVENT_MUNMAP:
 	case HMM_EVENT_MIGRATE:
 	case HMM_EVENT_PROTECT:
+	case HMM_EVENT_DISCARD:
 		/* Page aligned by contract; rounded outwards all the same. */
 		mmu_drop(sd, event->start >> SIMDEV_PAGE_SHIFT,
 			 (event->end >> SIMDEV_PAGE_SHIFT) +

@@ -4,10 +4,11 @@
  * memory.c (device memory), mmu.c (update, shootdown), access.c and kernel.c
  * (device threads), dma.c (copy). internal.h has the glossary and the locks.
  *
- * Creation builds every part before hmm_device_register(), since the core may
- * call any op from then on. Destruction runs the other way: after
- * hmm_device_unregister() returns, no op reaches the device again, and the
- * parts can be torn down in any order.
+ * Creation builds every part before hmm_device_register() and
+ * hmm_mirror_register(), since the core may call any op from then on.
+ * Destruction runs the other way: after hmm_device_unregister() returns (it
+ * releases the mirror first, if hmm_fini() has not), no op reaches the device
+ * again, and the parts can be torn down in any order.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,10 +17,10 @@
 
 #include "internal.h"
 
-static void simdev_release(struct hmm_device *dev)
+static void simdev_release(struct hmm_mirror *mirror)
 {
 	/* Only the core's bookkeeping ends here: the memory goes in simdev_destroy(). */
-	atomic_store(&to_simdev(dev)->registered, false);
+	atomic_store(&mirror_simdev(mirror)->mirrored, false);
 }
 
 const struct hmm_device_ops simdev_ops = {
@@ -27,6 +28,12 @@ const struct hmm_device_ops simdev_ops = {
 	.mem_alloc = simdev_mem_alloc,
 	.mem_free = simdev_mem_free,
 	.copy = simdev_dma_copy,
+	.release = simdev_release,
+};
+
+/* SIMDEV_MEMORYLESS: no memory, so no copies either; it maps host frames. */
+const struct hmm_device_ops simdev_memoryless_ops = {
+	.update = simdev_mmu_update,
 	.release = simdev_release,
 };
 
@@ -54,10 +61,17 @@ static int parse_options(const struct simdev_options *opts, struct simdev_option
 	}
 	if (!o->name)
 		o->name = "simdev";
-	if (!o->mem_bytes)
-		o->mem_bytes = SIMDEV_DEFAULT_MEM;
-	if (o->mem_bytes < HMM_DEVICE_CHUNK_SIZE)
+	if (o->flags & ~SIMDEV_MEMORYLESS)
 		return -EINVAL;
+	if (o->flags & SIMDEV_MEMORYLESS) {
+		if (o->mem_bytes)
+			return -EINVAL;
+	} else {
+		if (!o->mem_bytes)
+			o->mem_bytes = SIMDEV_DEFAULT_MEM;
+		if (o->mem_bytes < HMM_DEVICE_CHUNK_SIZE)
+			return -EINVAL;
+	}
 	if (!o->threads)
 		o->threads = SIMDEV_DEFAULT_THREADS;
 	if (o->threads > SIMDEV_MAX_THREADS)
@@ -113,6 +127,7 @@ int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct sim
 		err = -ENOMEM;
 		goto fail_free;
 	}
+	sd->memoryless = o.flags & SIMDEV_MEMORYLESS;
 	err = simdev_mem_init(sd, o.mem_bytes);
 	if (err)
 		goto fail_free;
@@ -126,12 +141,19 @@ int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct sim
 	if (err)
 		goto fail_threads;	/* stops the threads that did start */
 
-	sd->dev.ops = &simdev_ops;
+	sd->dev.ops = sd->memoryless ? &simdev_memoryless_ops : &simdev_ops;
 	sd->dev.name = sd->name;
-	atomic_store(&sd->registered, true);
-	err = hmm_device_register(hmm, &sd->dev);
+	err = hmm_device_register(&sd->dev);
 	if (err)
 		goto fail_threads;
+	sd->mirror.device = &sd->dev;
+	atomic_store(&sd->mirrored, true);
+	err = hmm_mirror_register(hmm, &sd->mirror);
+	if (err) {
+		atomic_store(&sd->mirrored, false);
+		hmm_device_unregister(&sd->dev);
+		goto fail_threads;
+	}
 	*out = sd;
 	return 0;
 
@@ -155,12 +177,11 @@ int simdev_destroy(struct simdev *sd)
 		return -EINVAL;
 	if (atomic_load(&sd->run.busy))
 		return -EBUSY;
-	/* Already released if hmm_fini() came first: the core is gone then. */
-	if (atomic_load(&sd->registered)) {
+	/* Releases the mirror too, unless hmm_fini() came first. */
+	if (sd->dev.registered) {
 		err = hmm_device_unregister(&sd->dev);
 		if (err)
 			return err;
-		atomic_store(&sd->registered, false);
 	}
 	simdev_threads_stop(sd);
 	simdev_dma_stop(sd);
@@ -173,6 +194,11 @@ int simdev_destroy(struct simdev *sd)
 struct hmm_device *simdev_device(struct simdev *sd)
 {
 	return sd ? &sd->dev : NULL;
+}
+
+struct hmm_mirror *simdev_mirror(struct simdev *sd)
+{
+	return sd ? &sd->mirror : NULL;
 }
 
 int simdev_set_dma(struct simdev *sd, uint64_t bytes_per_sec, uint64_t latency_ns)

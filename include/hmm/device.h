@@ -3,26 +3,31 @@
  * What a device backend implements, and what the core offers it.
  *
  * A backend (simdev, a CUDA or OpenCL runtime, a user-space driver) fills a
- * struct hmm_device with its ops and registers it with hmm_device_register().
- * From then on the core decides where every page lives; the backend only
- *   - hands out device memory in chunks (mem_alloc / mem_free),
+ * struct hmm_device with its ops and registers it with hmm_device_register(),
+ * then attaches it to the address space with a struct hmm_mirror
+ * (hmm_mirror_register()). From then on the core decides where every page
+ * lives; the backend only
+ *   - hands out device memory in chunks (mem_alloc / mem_free), unless it
+ *     has none,
  *   - copies pages when asked (copy), returning a fence if it is asynchronous,
- *   - keeps its own MMU in step with the core (update): programming entries
- *     the core gives it after a device fault, dropping entries the core takes
- *     away (migration, eviction, munmap), returning a fence that completes
- *     once no device access can use a dropped entry any more,
- *   - and calls hmm_device_fault() when its MMU misses.
+ *   - keeps its own MMU in step with the mirror page table the core keeps
+ *     for it (update): programming entries after a device fault, dropping
+ *     entries the core takes away (migration, eviction, munmap, protection
+ *     changes), returning a fence that completes once no device access can
+ *     use a dropped entry any more, and reporting which pages it wrote,
+ *   - and calls hmm_mirror_fault() when its MMU misses.
  *
  * The rule that makes it correct: a device may hold an entry for a page only
  * between the update(HMM_EVENT_MAP) that gave it and the update() that takes
  * it away; after that update's fence completes, no access by the device may
  * use the old entry. The core never changes a page a device maps without
- * taking the entry away first.
+ * taking the entry away first and waiting for the fence.
  *
  * Addresses a backend sees:
  *   host page    the address of the host frame in the core's DMA view: a
- *                CPU pointer, valid while the core holds the page busy, that
- *                the backend may read and write (or register for DMA).
+ *                CPU pointer the backend may read and write (or register for
+ *                DMA) while it holds an entry for the page or the core has
+ *                asked it to copy the page.
  *   device page  chunk address + page index * 4096, where the chunk address
  *                is what the backend's mem_alloc returned: whatever names
  *                device memory to the backend (an arena offset, a
@@ -88,37 +93,65 @@ static inline void hmm_fence_init(struct hmm_fence *fence, const struct hmm_fenc
 
 enum hmm_event_type {
 	/*
-	 * Program [start, end): entry[i] is the page at start + i * 4096. Given
-	 * after hmm_device_fault() made the range resident for this device.
+	 * Program [start, end): hmm_mirror_fault() just filled the mirror page
+	 * table there, every page, and @entry has the same entries in order
+	 * (read either). Must not fail for an entry the device holds already;
+	 * a -errno fails the fault.
 	 */
 	HMM_EVENT_MAP,
-	/* Drop entries for [start, end): the range is being unmapped. */
-	HMM_EVENT_MUNMAP,
-	/* Drop entries for [start, end): the pages are moving (to the host, to
-	 * another device, or evicted). */
-	HMM_EVENT_MIGRATE,
-	/* Drop entries for [start, end): the range's protection changed; the
-	 * next access faults and is mapped with the new permission. */
-	HMM_EVENT_PROTECT,
-	/* Drop every entry: the device is being unregistered. */
-	HMM_EVENT_RELEASE,
+	/*
+	 * Drops: remove every entry of [start, end). After the fence the
+	 * device may not use them; the core clears them from the mirror page
+	 * table when update() returns, so report dirty pages (below) before.
+	 */
+	HMM_EVENT_MUNMAP,	/* the range is unmapped (hmm_munmap, a foreign munmap) */
+	HMM_EVENT_MIGRATE,	/* the pages move (to the host, another device, eviction) */
+	HMM_EVENT_PROTECT,	/* protection changed; the next access faults */
+	HMM_EVENT_DISCARD,	/* the contents are thrown away (MADV_DONTNEED-like) */
+	HMM_EVENT_RELEASE,	/* the mirror is going: drop everything */
+	/*
+	 * Not a drop: report the pages of [start, end) the device wrote since
+	 * it last reported them (hmm_mirror_set_dirty()), then forget them.
+	 */
+	HMM_EVENT_ISDIRTY,
 };
 
+static inline bool hmm_event_is_drop(enum hmm_event_type type)
+{
+	return type != HMM_EVENT_MAP && type != HMM_EVENT_ISDIRTY;
+}
+
 /*
- * A device page-table entry as the core hands it over in HMM_EVENT_MAP:
- * the page's address (device memory, or a host frame's DMA-view address)
- * and its permission bits.
+ * An entry of the mirror page table: where the device finds the page and what
+ * it may do with it. Read them with hmm_mirror_walk() inside update().
  */
 typedef uint64_t hmm_dpte_t;
 
 #define HMM_DPTE_VALID		(1ull << 0)
 #define HMM_DPTE_WRITE		(1ull << 1)	/* writes allowed */
 #define HMM_DPTE_DEVICE		(1ull << 2)	/* address is device memory; else host */
+#define HMM_DPTE_DIRTY		(1ull << 3)	/* the device wrote it (core bookkeeping) */
 #define HMM_DPTE_ADDR_MASK	(~0xfffull)
 
+/* The page's address: a host frame's DMA-view address, or device memory. */
 static inline uint64_t hmm_dpte_addr(hmm_dpte_t e)
 {
 	return e & HMM_DPTE_ADDR_MASK;
+}
+
+static inline bool hmm_dpte_writable(hmm_dpte_t e)
+{
+	return e & HMM_DPTE_WRITE;
+}
+
+static inline bool hmm_dpte_on_device(hmm_dpte_t e)
+{
+	return e & HMM_DPTE_DEVICE;
+}
+
+static inline bool hmm_dpte_dirty(hmm_dpte_t e)
+{
+	return e & HMM_DPTE_DIRTY;
 }
 
 struct hmm_device;
@@ -126,11 +159,16 @@ struct hmm_device;
 struct hmm_event {
 	enum hmm_event_type type;
 	uintptr_t start, end;			/* page aligned */
-	/* The device whose own request caused this event, or NULL. */
+	/*
+	 * The device whose own request caused this event, or NULL: a device
+	 * may skip the work an event it caused asks for only where it knows
+	 * the entries are already gone (the kernel's livelock rule).
+	 */
 	const struct hmm_device *owner;
-	/* HMM_EVENT_MAP only: (end - start) / 4096 entries. */
+	/* HMM_EVENT_MAP only: (end - start) / 4096 entries; NULL otherwise. */
 	const hmm_dpte_t *entry;
 };
+
 
 /* ---- Copies ----------------------------------------------------------------- */
 
@@ -150,28 +188,33 @@ struct hmm_copy {
 	const uint64_t *dst, *src;
 };
 
-/* ---- The device -------------------------------------------------------------- */
+/* ---- The device and its mirrors ------------------------------------------- */
+
+struct hmm_mirror;
 
 struct hmm_device_ops {
 	/*
-	 * update - bring the device MMU in step with @event (see enum
+	 * update - bring the device MMU of @mirror in step with @event (see enum
 	 * hmm_event_type).
 	 * @fence: for a drop, may receive a fence that completes when no access
-	 *         can use the dropped entries any more (a TLB shootdown); NULL
-	 *         when that is already true on return.
-	 * Context: the core holds every page of the range busy; no core lock
-	 * that a device fault could need is held. May block briefly. Must not
-	 * call hmm_device_fault() or any other core call.
-	 * A MAP over an entry the device holds may add write permission; the
-	 * core never changes an entry's address or takes permission away
-	 * without a drop first.
-	 * Return: 0; a -errno for HMM_EVENT_MAP aborts the device fault (the
-	 * core returns it from hmm_device_fault()); drops must not fail.
+	 *         by the device can use a dropped entry any more; NULL if that
+	 *         is already so.
+	 * Context: the core holds the mirror's page-table lock, so no other
+	 * event of @mirror runs meanwhile: keep it short, do not block on device progress
+	 * (return a fence instead), do not call the core except
+	 * hmm_mirror_walk() and hmm_mirror_set_dirty() for @mirror and the
+	 * event's range. May run in a SIGBUS handler (drops only).
+	 * Return: 0; a -errno for HMM_EVENT_MAP fails the fault; drops and
+	 * ISDIRTY must not fail (report a broken device through the fence).
 	 */
-	int (*update)(struct hmm_device *dev, const struct hmm_event *event,
+	int (*update)(struct hmm_mirror *mirror, const struct hmm_event *event,
 		      struct hmm_fence **fence);
 
 	/*
+	 * Device memory: all three or none. A device without them is
+	 * memoryless (an RDMA NIC doing on-demand paging): it only maps host
+	 * frames, and nothing migrates to it.
+	 *
 	 * mem_alloc - get one chunk of HMM_DEVICE_CHUNK_SIZE bytes of device
 	 * memory; store its device address (4 KiB aligned) in @chunk.
 	 * Context: may be called with core locks held: must not call the core.
@@ -181,7 +224,6 @@ struct hmm_device_ops {
 	int (*mem_alloc)(struct hmm_device *dev, uint64_t *chunk);
 	/* mem_free - give back a chunk from mem_alloc, no page of it in use. */
 	void (*mem_free)(struct hmm_device *dev, uint64_t chunk);
-
 	/*
 	 * copy - copy pages as @copy says.
 	 * @fence: receives a fence if the copy runs on after return, NULL if it
@@ -195,68 +237,137 @@ struct hmm_device_ops {
 		    struct hmm_fence **fence);
 
 	/*
-	 * release - the last call the core makes for @dev, from
-	 * hmm_device_unregister() or hmm_fini(), after every page was moved off
-	 * the device, every entry dropped and every fence the device returned
-	 * released. Optional.
+	 * release - the last call for @mirror, made exactly once, by whichever
+	 * comes first: hmm_mirror_unregister(), hmm_fini(),
+	 * hmm_device_unregister(), or a device error (a fence of @mirror's
+	 * returning -EIO). Every page of @mirror's device memory has gone home
+	 * and every entry has been dropped. The core touches @mirror no more
+	 * after it returns, so the backend may free it here. Optional.
+	 * Context: no core lock the backend can see; must not call the core.
 	 */
-	void (*release)(struct hmm_device *dev);
+	void (*release)(struct hmm_mirror *mirror);
 };
 
 /*
- * A device, embedded in the backend's own object. The backend sets the
- * fields above the line before hmm_device_register(); the core owns the rest.
+ * A device, embedded in the backend's own object: one per physical device.
+ * The backend sets the fields above the line; the core owns the rest.
  */
 struct hmm_device {
 	const struct hmm_device_ops *ops;
 	const char *name;			/* for messages and statistics */
 	/* -- owned by the core -- */
-	struct hmm *hmm;			/* NULL while not registered */
-	unsigned int id;			/* 1..HMM_MAX_DEVICES while registered */
+	bool registered;
+};
+
+/*
+ * hmm_device_register - make @dev known to the core.
+ * Return: 0; -EINVAL NULL, no update(), or some but not all of mem_alloc,
+ * mem_free and copy; -EBUSY already registered.
+ */
+int hmm_device_register(struct hmm_device *dev);
+
+/*
+ * hmm_device_unregister - release every mirror of @dev (as
+ * hmm_mirror_unregister() does, pages coming home), then forget @dev.
+ * Return: 0; -EINVAL @dev NULL; -ENOENT not registered (or unregistered
+ * already); -EIO a page could not be copied back (@dev and that mirror stay
+ * registered with that page on it, every other page moved).
+ */
+int hmm_device_unregister(struct hmm_device *dev);
+
+/* Bytes of @dev's memory holding pages now, over all its mirrors. */
+size_t hmm_device_mem_used(const struct hmm_device *dev);
+
+/*
+ * A mirror: one device's view of one address space (seed 002), embedded in
+ * the backend's own object. The core keeps its page table (the mirror page
+ * table: what the device may map, at which address, with which permission,
+ * dirty or not) and the device memory it uses for that address space. The
+ * backend sets @device; the core owns the rest.
+ *
+ * Lifetime. The core counts the calls in flight on a mirror (faults, events);
+ * release() comes after the last has returned and before the mirror is
+ * forgotten, exactly once, whichever of hmm_mirror_unregister(), hmm_fini(),
+ * hmm_device_unregister() or a device error comes first. The others find it
+ * gone: hmm_mirror_unregister() of a released mirror returns -ENOENT.
+ */
+struct hmm_mirror {
+	struct hmm_device *device;
+	/* -- owned by the core -- */
+	struct hmm *hmm;			/* NULL once released */
+	unsigned int id;			/* what DEVICE page entries name */
 	void *core;
 };
+
+/*
+ * hmm_mirror_register - start mirroring @hmm on mirror->device.
+ * Return: 0; -EINVAL NULL, @hmm not live; -ENODEV the device is not
+ * registered; -EBUSY @mirror is registered, or the device mirrors @hmm
+ * already; -ENOSPC HMM_MAX_DEVICES mirrors; -ENOMEM.
+ */
+int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror);
+
+/*
+ * hmm_mirror_unregister - stop mirroring: every page in the device's memory
+ * goes home, every entry is dropped, release() is called.
+ * Context: no hmm_mirror_fault() of @mirror may start once this is called
+ * (one in flight is waited for).
+ * Return: 0; -EINVAL NULL; -ENOENT not registered or released already;
+ * -EIO a page could not be copied back (the mirror stays registered).
+ */
+int hmm_mirror_unregister(struct hmm_mirror *mirror);
 
 #define HMM_MAX_DEVICES	255
 
 /*
- * hmm_device_register - attach @dev to the address space.
- * Return: 0; -EINVAL NULL or incomplete ops (update, copy, mem_alloc and
- * mem_free are required); -EBUSY @dev is already registered; -ENOSPC
- * HMM_MAX_DEVICES devices are registered; -ENOMEM.
- */
-int hmm_device_register(struct hmm *hmm, struct hmm_device *dev);
-
-/*
- * hmm_device_unregister - detach @dev: every page on it moves back to the
- * host, every entry is dropped, its memory is given back, then release()
- * is called. On return no callback reaches @dev again.
- * Context: no device fault of @dev may be running or start.
- * Return: 0; -EINVAL @dev NULL; -ENOENT not registered (or unregistered
- * already); -EIO a page could not be copied back (@dev stays registered
- * with that page on it, every other page moved).
- */
-int hmm_device_unregister(struct hmm_device *dev);
-
-/*
- * hmm_device_fault - a device MMU miss: make [@start, @end) resident in
- * @dev's memory (zero-filling pages never touched, migrating the others here,
- * evicting least recently used chunks when memory is full), then program the
- * range with update(HMM_EVENT_MAP).
- * @flags: HMM_DEVICE_FAULT_WRITE if the access writes.
- * Return: 0; -EINVAL bad range or @dev not registered; -EFAULT a page is
- * not libhmm memory (nothing done: a backend faulting an aligned block
- * around a miss retries with the missing page alone); -EACCES the region's
- * protection forbids the access;
- * -ENOMEM device memory is full and nothing can be evicted (every page is
- * where it was); -EIO a copy failed (likewise).
+ * hmm_mirror_fault - a device MMU miss: make [@start, @end) usable by the
+ * device and program it with update(HMM_EVENT_MAP).
+ *
+ * Placement: a device with memory gets the pages in its memory (zero-filled
+ * there if never touched, migrated in otherwise, evicting least recently used
+ * chunks when full); a memoryless device maps the host frames in place.
+ *
+ * A fault that overlaps an invalidation (munmap, migration, protection
+ * change...) never programs an entry the invalidation took away: it backs
+ * off and starts again (collision-retry, src/mirror.c). Each start is a
+ * round, counted in hmm_mirror_stats.fault_rounds.
+ *
+ * @flags: HMM_FAULT_WRITE if the access writes.
+ * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
+ * or its protection forbids the access: the pages before it are mapped, in
+ * the same round; -ENOMEM device memory full and nothing evictable; -EIO a
+ * copy failed; -EINVAL bad range or flags; -ENODEV @mirror released.
  * Context: any thread but a signal handler; no core lock held.
  */
-#define HMM_DEVICE_FAULT_WRITE	1u
-int hmm_device_fault(struct hmm_device *dev, uintptr_t start, uintptr_t end,
+#define HMM_FAULT_WRITE	1u
+int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		     unsigned int flags);
 
-/* Bytes of @dev's memory holding pages now (0 if not registered). */
-size_t hmm_device_mem_used(const struct hmm_device *dev);
+/*
+ * hmm_mirror_walk - call @fn for each entry of @mirror's page table in
+ * [@start, @end), in address order; stop early if @fn returns non-zero and
+ * return that.
+ * Context: inside update() for @mirror, within the event's range.
+ */
+int hmm_mirror_walk(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
+		    int (*fn)(void *arg, uintptr_t addr, hmm_dpte_t entry), void *arg);
+
+/*
+ * hmm_mirror_set_dirty - the device wrote the page at @addr.
+ * Context: inside update() for @mirror, a drop or HMM_EVENT_ISDIRTY, within
+ * the event's range.
+ */
+void hmm_mirror_set_dirty(struct hmm_mirror *mirror, uintptr_t addr);
+
+struct hmm_mirror_stats {
+	uint64_t faults;		/* hmm_mirror_fault() calls */
+	uint64_t fault_rounds;		/* their rounds: faults + collision retries */
+	uint64_t pages_mapped;		/* entries programmed */
+	uint64_t events;		/* drops and dirty queries delivered */
+};
+
+/* Return: 0; -EINVAL; -ENODEV released. */
+int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *stats);
 
 #ifdef __cplusplus
 }

@@ -6,9 +6,12 @@
  * public device interface (hmm/device.h): read its source as the template
  * for a real backend. It has
  *   - device memory: a private arena that the CPU view never maps, handed
- *     to the core in 2 MiB chunks;
- *   - an MMU: a page table the core programs through update(), and a TLB
- *     per device thread; a miss calls hmm_device_fault();
+ *     to the core in 2 MiB chunks; or none (SIMDEV_MEMORYLESS), like an RDMA
+ *     NIC doing on-demand paging: it then maps host frames in place;
+ *   - an MMU: a page table the core programs through update() from the
+ *     mirror page table, and a TLB per device thread; a miss calls
+ *     hmm_mirror_fault(); a write sets the entry's dirty bit, which drops
+ *     report to the core (hmm_mirror_set_dirty());
  *   - a DMA engine: copies run inline when bandwidth and latency are
  *     unlimited, otherwise on an engine thread that takes latency + bytes /
  *     bandwidth per copy and completes a fence;
@@ -56,18 +59,23 @@ struct simdev_options {
 	 * missing page, a power of two from 4 KiB to 2 MiB; 0 selects 64 KiB.
 	 */
 	size_t fault_bytes;
+	unsigned int flags;		/* SIMDEV_MEMORYLESS (then mem_bytes 0) */
 };
 
+/* No device memory: the device maps host frames, nothing migrates to it. */
+#define SIMDEV_MEMORYLESS	1u
+
 /*
- * simdev_create - make a device and register it with @hmm.
- * Return: 0; -EINVAL bad options; -ENOMEM; what hmm_device_register()
- * returns.
+ * simdev_create - make a device, register it, and attach it to @hmm with
+ * its mirror.
+ * Return: 0; -EINVAL bad options; -ENOMEM; what hmm_device_register() and
+ * hmm_mirror_register() return.
  */
 int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct simdev **sd);
 
 /*
- * simdev_destroy - unregister (every page comes back to the host), stop the
- * threads, free the arena.
+ * simdev_destroy - unregister the device, which releases its mirror (every
+ * page comes back to the host), stop the threads, free the arena.
  * Context: no kernel running on @sd.
  * Return: 0; -EINVAL @sd NULL; -EBUSY a kernel is running; what
  * hmm_device_unregister() returns (the device then stays alive).
@@ -76,6 +84,8 @@ int simdev_destroy(struct simdev *sd);
 
 /* The core's view of @sd, for hmm_migrate() and friends. */
 struct hmm_device *simdev_device(struct simdev *sd);
+/* @sd's mirror of the address space it was created for (hmm_mirror_stats_read()). */
+struct hmm_mirror *simdev_mirror(struct simdev *sd);
 
 /* Changes the DMA engine's bandwidth and latency (as in the options). */
 int simdev_set_dma(struct simdev *sd, uint64_t bytes_per_sec, uint64_t latency_ns);
@@ -92,7 +102,7 @@ typedef void (*simdev_kernel_fn)(struct simdev_thread *t, unsigned int index,
 /*
  * simdev_run - run @fn on every device thread and wait for all of them.
  * Return: 0; the first error an access hit (-EFAULT not libhmm memory,
- * -EACCES, -ENOMEM, -EIO: see hmm_device_fault()); -EINVAL; -EBUSY a kernel
+ * -EACCES, -ENOMEM, -EIO: see hmm_mirror_fault()); -EINVAL; -EBUSY a kernel
  * is already running on @sd.
  */
 int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg);
@@ -115,7 +125,7 @@ bool simdev_failed(const struct simdev_thread *t);
 /* ---- Statistics ------------------------------------------------------------- */
 
 struct simdev_stats {
-	uint64_t faults;		/* MMU misses sent to hmm_device_fault() */
+	uint64_t faults;		/* MMU misses sent to hmm_mirror_fault() */
 	uint64_t fault_errors;		/* of which failed */
 	uint64_t tlb_hits, tlb_misses;
 	uint64_t maps;			/* update(MAP) calls */

@@ -1,0 +1,807 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Mirrors (include/hmm/device.h): a device's view of the address space, its
+ * page table, device faults, and the invalidations that keep them coherent.
+ *
+ * The mirror page table
+ * ---------------------
+ * Each mirror has its own radix table (pt.h) of hmm_dpte_t entries: what the
+ * device may map, where, with which permission, and whether it wrote the
+ * page. The core writes it under the mirror's pt_lock and calls update()
+ * with the lock held, so the driver reads a stable table (hmm_mirror_walk())
+ * and events of one mirror never interleave. mc->entries counts the present
+ * entries so that an invalidation skips mirrors that map nothing.
+ *
+ * Device faults and invalidations: collision-retry
+ * ------------------------------------------------
+ * A device fault reads where the pages are without holding them, then
+ * programs the device; an invalidation (anything that moves, frees or
+ * re-protects a page, always with the page held busy) must never let a fault
+ * commit an entry it has taken away. The kernel solves this with a sequence
+ * count per notifier (mmu_interval_notifier); here each fault in flight is a
+ * node on hmm.faults and each invalidation a node on hmm.invals, both under
+ * hmm.inval_lock, so only overlapping ranges collide:
+ *
+ *   fault F (hmm_mirror_fault)             invalidation I (hmm_inval_*)
+ *   --------------------------             ----------------------------
+ *   F1 wait until no overlapping I runs
+ *   F2 register F; backoff = an
+ *      overlapping I is running
+ *   F3 read the pages (lock-free, or
+ *      busy: then register while busy)
+ *                                          I1 take the pages busy; begin: add
+ *                                             I, set backoff on every
+ *                                             overlapping F
+ *                                          I2 per mirror with entries in range,
+ *                                             under pt_lock: update(drop)
+ *                                          I3 wait for every fence, then clear
+ *                                             those entries (under pt_lock)
+ *                                          I4 change the pages
+ *                                          I5 end: remove I, wake F1 waiters
+ *   F4 under pt_lock: if backoff, drop
+ *      everything, go to F1 (a new round);
+ *      else fill the mirror page table and
+ *      update(MAP)
+ *   F5 unregister F
+ *
+ * Why no stale entry is committed: F read the pages at F3, after F2. If I
+ * began (I1) before F2, F2 saw I and set backoff itself. If I began after
+ * F2, I1 set F's backoff. Either way, if F4 takes pt_lock after I2 released
+ * it for this mirror, it sees backoff (I1 happened before I2 in I's thread,
+ * and pt_lock orders I2 before F4) and retries. If F4 took pt_lock before
+ * I2, F's entries are in the table when I2 looks, and I2 drops them before
+ * I4 changes any page. So every entry F commits is either dropped by I or
+ * was read after I ended. The cost: a fault overlapping an invalidation is
+ * one more round (hmm_mirror_stats.fault_rounds).
+ *
+ * Entries are cleared only after the fences (I3), so an invalidation that
+ * overlaps another one's range finds the entries still there and waits for
+ * its own fence, never for less than the device needs.
+ *
+ * Lifetime
+ * --------
+ * A mirror is published in hmm.mirror[] (dev_lock) and read lock-free. Calls
+ * that use one (faults, invalidations) count themselves in mc->users, taken
+ * inside an RCU read section so the mirror cannot be freed between finding it
+ * and counting. Release (mirror_release(), under init_lock and dev_lock,
+ * exactly once): mark it dying (no new entries), bring its device pages home,
+ * drop everything (RELEASE), unpublish it, wait a grace period and for the
+ * users to drain, then free it and call release(). The locks it holds are the
+ * process's and the address space's, never the mirror's own (the 2015
+ * review's race: the object being freed must not be the one holding the lock).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "page_state.h"
+
+/* ---- Users ------------------------------------------------------------------ */
+
+/* Counts a call on the mirror with @id; NULL if there is none. */
+static struct hmm_mirror_core *mirror_get(struct hmm *hmm, unsigned int id)
+{
+	struct hmm_mirror_core *mc;
+
+	hmm_rcu_read_lock();
+	mc = hmm_mirror_by_id(hmm, id);
+	if (mc)
+		atomic_fetch_add(&mc->users, 1);
+	hmm_rcu_read_unlock();
+	return mc;
+}
+
+static void mirror_put(struct hmm_mirror_core *mc)
+{
+	atomic_fetch_sub(&mc->users, 1);
+}
+
+struct hmm_mirror_core *hmm_mirror_get_of(struct hmm *hmm, const struct hmm_device *dev)
+{
+	struct hmm_mirror_core *mc;
+
+	hmm_rcu_read_lock();
+	mc = hmm_mirror_of(hmm, dev);
+	if (mc)
+		atomic_fetch_add(&mc->users, 1);
+	hmm_rcu_read_unlock();
+	return mc;
+}
+
+struct hmm_mirror_core *hmm_mirror_get(struct hmm *hmm, unsigned int id)
+{
+	return mirror_get(hmm, id);
+}
+
+void hmm_mirror_put(struct hmm_mirror_core *mc)
+{
+	mirror_put(mc);
+}
+
+struct hmm_mirror_core *hmm_mirror_of(struct hmm *hmm, const struct hmm_device *dev)
+{
+	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+
+	for (unsigned int id = 1; dev && id <= max; id++) {
+		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);
+
+		if (mc && mc->dev == dev)
+			return mc;
+	}
+	return NULL;
+}
+
+/* ---- Registration and release ------------------------------------------------- */
+
+static int chunk_alloc(void *ctx, uint64_t *chunk)
+{
+	struct hmm_mirror_core *mc = ctx;
+
+	return mc->dev->ops->mem_alloc(mc->dev, chunk);
+}
+
+static void chunk_free(void *ctx, uint64_t chunk)
+{
+	struct hmm_mirror_core *mc = ctx;
+
+	mc->dev->ops->mem_free(mc->dev, chunk);
+}
+
+int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
+{
+	struct hmm_device *dev = mirror ? mirror->device : NULL;
+	struct hmm_mirror_core *mc;
+	unsigned int id;
+	int ret = 0;
+
+	if (!mirror || !dev)
+		return -EINVAL;
+	mc = calloc(1, sizeof(*mc));
+	if (!mc)
+		return -ENOMEM;
+	hmm_global_lock();
+	if (!hmm_is_live(hmm)) {
+		ret = -EINVAL;
+		goto out;
+	}
+	if (!dev->registered) {
+		ret = -ENODEV;
+		goto out;
+	}
+	/* The helper that prefetches device pages for the CPU (fault.c); takes dev_lock. */
+	if (dev->ops->mem_alloc && hmm_prefetch_start(hmm)) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	pthread_mutex_lock(&hmm->dev_lock);
+	if (mirror->hmm || hmm_mirror_of(hmm, dev)) {
+		ret = -EBUSY;
+		goto out_dev;
+	}
+	for (id = 1; id <= HMM_MAX_DEVICES && hmm_mirror_by_id(hmm, id); id++)
+		;
+	if (id > HMM_MAX_DEVICES) {
+		ret = -ENOSPC;
+		goto out_dev;
+	}
+	mc->has_memory = dev->ops->mem_alloc != NULL;
+	if (hmm_pt_init(&mc->pt)) {
+		ret = -ENOMEM;
+		goto out_dev;
+	}
+	mc->mirror = mirror;
+	mc->dev = dev;
+	mc->id = id;
+	hmm_devmem_init(&mc->mem, &(struct hmm_devmem_backend){
+		.chunk_alloc = chunk_alloc, .chunk_free = chunk_free, .ctx = mc });
+	mirror->hmm = hmm;
+	mirror->id = id;
+	mirror->core = mc;
+	if (id > atomic_load(&hmm->mirror_max))
+		atomic_store_explicit(&hmm->mirror_max, id, memory_order_release);
+	atomic_store_explicit(&hmm->mirror[id], mc, memory_order_release);
+	mc = NULL;
+out_dev:
+	pthread_mutex_unlock(&hmm->dev_lock);
+out:
+	hmm_global_unlock();
+	free(mc);
+	return ret;
+}
+
+/* Waits until no call counts itself on @mc any more. */
+static void wait_users(struct hmm_mirror_core *mc)
+{
+	while (atomic_load(&mc->users))
+		nanosleep(&(struct timespec){ .tv_nsec = 50000 }, NULL);
+}
+
+/*
+ * Releases @mc (see Lifetime above).
+ * Return: 0; -EIO a device page could not be brought home (nothing released).
+ * Context: init_lock and hmm.dev_lock held.
+ */
+static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
+{
+	struct hmm_mirror *mirror = mc->mirror;
+	struct hmm_event ev = { .type = HMM_EVENT_RELEASE, .start = 0, .end = HMM_VA_END };
+	struct hmm_fence *f = NULL;
+	int stuck = 0;
+
+	hmm_spin_lock(&mc->pt_lock);
+	atomic_store(&mc->dying, true);
+	hmm_spin_unlock(&mc->pt_lock);
+	/*
+	 * From here no move brings pages in (hmm_move_pages() refuses a dying
+	 * destination) and no fault commits; wait for those already running,
+	 * so that what they brought in is counted below.
+	 */
+	wait_users(mc);
+
+	/* Every page home. A chunk that gives nothing back twice holds a page we cannot copy. */
+	while (hmm_devmem_pages_used(&mc->mem)) {
+		if (hmm_evict(hmm, mc, true))
+			stuck = 0;
+		else if (++stuck > 2 * (int)hmm_devmem_chunks(&mc->mem)) {
+			atomic_store(&mc->dying, false);
+			return -EIO;
+		}
+	}
+
+	hmm_spin_lock(&mc->pt_lock);
+	mc->dev->ops->update(mirror, &ev, &f);
+	hmm_spin_unlock(&mc->pt_lock);
+	if (f)
+		hmm_fence_wait_put(f);
+	hmm_spin_lock(&mc->pt_lock);
+	hmm_pt_clear(&mc->pt, HMM_PAGE_SIZE, HMM_VA_END, NULL);
+	atomic_store(&mc->entries, 0);
+	hmm_spin_unlock(&mc->pt_lock);
+
+	atomic_store_explicit(&hmm->mirror[mc->id], NULL, memory_order_release);
+	hmm_rcu_synchronize();		/* whoever found it has counted itself by now */
+	wait_users(mc);
+	hmm_devmem_fini(&mc->mem);
+	hmm_pt_fini(&mc->pt);
+	mirror->hmm = NULL;
+	mirror->id = 0;
+	mirror->core = NULL;
+	free(mc);
+	if (mirror->device->ops->release)
+		mirror->device->ops->release(mirror);
+	return 0;
+}
+
+int hmm_mirror_unregister(struct hmm_mirror *mirror)
+{
+	struct hmm *hmm;
+	int ret;
+
+	if (!mirror)
+		return -EINVAL;
+	hmm_global_lock();
+	hmm = mirror->hmm;
+	if (!hmm_is_live(hmm) || !mirror->core) {
+		hmm_global_unlock();
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&hmm->dev_lock);
+	ret = mirror_release(hmm, mirror->core);
+	pthread_mutex_unlock(&hmm->dev_lock);
+	hmm_global_unlock();
+	return ret;
+}
+
+int hmm_mirror_release_device(struct hmm *hmm, struct hmm_device *dev)
+{
+	struct hmm_mirror_core *mc;
+	int ret = 0;
+
+	pthread_mutex_lock(&hmm->dev_lock);
+	mc = hmm_mirror_of(hmm, dev);
+	if (mc)
+		ret = mirror_release(hmm, mc);
+	pthread_mutex_unlock(&hmm->dev_lock);
+	return ret;
+}
+
+void hmm_mirror_release_all(struct hmm *hmm)
+{
+	pthread_mutex_lock(&hmm->dev_lock);
+	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
+		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);
+
+		if (mc)
+			mirror_release(hmm, mc);	/* no region left: no page to bring home */
+	}
+	pthread_mutex_unlock(&hmm->dev_lock);
+}
+
+int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *st)
+{
+	struct hmm_mirror_core *mc;
+
+	if (!mirror || !st)
+		return -EINVAL;
+	if (!hmm_is_live(mirror->hmm) || !(mc = mirror_get(mirror->hmm, mirror->id)) ||
+	    mc->mirror != mirror) {
+		if (mc)
+			mirror_put(mc);
+		return -ENODEV;
+	}
+	st->faults = atomic_load(&mc->stat.faults);
+	st->fault_rounds = atomic_load(&mc->stat.fault_rounds);
+	st->pages_mapped = atomic_load(&mc->stat.pages_mapped);
+	st->events = atomic_load(&mc->stat.events);
+	mirror_put(mc);
+	return 0;
+}
+
+/* ---- Reading the mirror page table (inside update()) ------------------------ */
+
+int hmm_mirror_walk(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
+		    int (*fn)(void *arg, uintptr_t addr, hmm_dpte_t entry), void *arg)
+{
+	struct hmm_mirror_core *mc = mirror->core;
+	struct hmm_pt_iter it;
+	uintptr_t addr;
+	hmm_pte_t e;
+	int ret = 0;
+
+	if (hmm_pt_iter_begin(&it, &mc->pt, start, end) == 0)
+		while (!ret && hmm_pt_iter_next(&it, &addr, &e))
+			ret = fn(arg, addr, e);
+	hmm_pt_iter_end(&it);
+	return ret;
+}
+
+static hmm_pte_t set_dirty_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	(void)arg;
+	(void)addr;
+	return old ? old | HMM_DPTE_DIRTY : 0;
+}
+
+void hmm_mirror_set_dirty(struct hmm_mirror *mirror, uintptr_t addr)
+{
+	struct hmm_mirror_core *mc = mirror->core;
+
+	addr &= HMM_PAGE_MASK;
+	hmm_pt_update(&mc->pt, addr, addr + HMM_PAGE_SIZE, HMM_PT_PRESENT_ONLY, set_dirty_fn, NULL);
+}
+
+/* ---- Invalidations -------------------------------------------------------------- */
+
+static bool overlaps(const struct hmm_range_node *n, uintptr_t start, uintptr_t end)
+{
+	return n->start < end && start < n->end;
+}
+
+void hmm_inval_begin(struct hmm *hmm, struct hmm_range_node *iv, uintptr_t start, uintptr_t end)
+{
+	iv->start = start;
+	iv->end = end;
+	hmm_spin_lock(&hmm->inval_lock);
+	iv->next = hmm->invals;
+	hmm->invals = iv;
+	for (struct hmm_range_node *f = hmm->faults; f; f = f->next)
+		if (overlaps(f, start, end))
+			atomic_store_explicit(&f->backoff, true, memory_order_relaxed);
+	hmm_spin_unlock(&hmm->inval_lock);
+}
+
+void hmm_inval_end(struct hmm *hmm, struct hmm_range_node *iv)
+{
+	hmm_spin_lock(&hmm->inval_lock);
+	for (struct hmm_range_node **p = &hmm->invals; *p; p = &(*p)->next) {
+		if (*p == iv) {
+			*p = iv->next;
+			break;
+		}
+	}
+	hmm_spin_unlock(&hmm->inval_lock);
+	atomic_fetch_add(&hmm->inval_wake, 1);
+	if (atomic_load(&hmm->inval_waiters))
+		syscall(SYS_futex, &hmm->inval_wake, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static int first_entry_fn(void *arg, uintptr_t addr, hmm_dpte_t entry)
+{
+	(void)arg;
+	(void)addr;
+	(void)entry;
+	return 1;
+}
+
+static hmm_pte_t fold_dirty_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	(void)arg;
+	(void)addr;
+	return old && hmm_pte_state(old) != HMM_PTE_EMPTY ? old | HMM_PTE_DIRTY : old;
+}
+
+/* Clears @mc's entries in [start, end), folding their dirty bits into the logical table. */
+static void clear_entries(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_t start,
+			  uintptr_t end)
+{
+	struct hmm_pt_iter it;
+	uintptr_t addr;
+	hmm_pte_t e;
+	long n = 0;
+
+	hmm_spin_lock(&mc->pt_lock);
+	if (hmm_pt_iter_begin(&it, &mc->pt, start, end) == 0) {
+		while (hmm_pt_iter_next(&it, &addr, &e)) {
+			n++;
+			if (e & HMM_DPTE_DIRTY)
+				hmm_pt_update(&hmm->pt, addr, addr + HMM_PAGE_SIZE,
+					      HMM_PT_PRESENT_ONLY, fold_dirty_fn, NULL);
+		}
+	}
+	hmm_pt_iter_end(&it);
+	if (n) {
+		hmm_pt_clear(&mc->pt, start, end, NULL);
+		atomic_fetch_sub(&mc->entries, n);
+	}
+	hmm_spin_unlock(&mc->pt_lock);
+}
+
+#define MAX_INVAL_FENCES 16
+
+void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
+		       enum hmm_event_type type, const struct hmm_device *owner)
+{
+	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+	struct hmm_mirror_core *hit[HMM_MAX_DEVICES];
+	struct hmm_fence *fence[MAX_INVAL_FENCES];
+	unsigned int nhit = 0, nfence = 0;
+	struct hmm_event ev = { .type = type, .start = start, .end = end, .owner = owner };
+
+	for (unsigned int id = 1; id <= max; id++) {
+		struct hmm_mirror_core *mc;
+		struct hmm_fence *f = NULL;
+
+		if (!hmm_mirror_by_id(hmm, id) || !(mc = mirror_get(hmm, id)))
+			continue;
+		if (!atomic_load(&mc->entries)) {
+			mirror_put(mc);
+			continue;
+		}
+		hmm_spin_lock(&mc->pt_lock);
+		if (!hmm_mirror_walk(mc->mirror, start, end, first_entry_fn, NULL)) {
+			hmm_spin_unlock(&mc->pt_lock);
+			mirror_put(mc);
+			continue;
+		}
+		mc->dev->ops->update(mc->mirror, &ev, &f);
+		hmm_count(&mc->stat.events, 1);
+		hmm_spin_unlock(&mc->pt_lock);
+		hit[nhit++] = mc;
+		if (f) {
+			if (nfence == MAX_INVAL_FENCES) {
+				for (unsigned int i = 0; i < nfence; i++)
+					hmm_fence_wait_put(fence[i]);
+				nfence = 0;
+			}
+			fence[nfence++] = f;
+		}
+	}
+	/*
+	 * All fences together: invalidating N devices costs about one device
+	 * latency. A fence that fails (-EIO) means a device that cannot tell
+	 * whether it stopped using the entries: nothing can be done for its
+	 * pages but to wait for it no further; the data of host frames is
+	 * intact, and device pages are copied only by later migrations.
+	 */
+	for (unsigned int i = 0; i < nfence; i++)
+		hmm_fence_wait_put(fence[i]);
+	for (unsigned int i = 0; i < nhit; i++) {
+		clear_entries(hmm, hit[i], start, end);
+		mirror_put(hit[i]);
+	}
+}
+
+/* ---- Device faults ----------------------------------------------------------------- */
+
+/* F1: waits, holding nothing, until no invalidation overlaps [start, end). */
+static void wait_invals(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	for (;;) {
+		uint32_t seq = atomic_load(&hmm->inval_wake);
+		bool busy = false;
+
+		hmm_spin_lock(&hmm->inval_lock);
+		for (struct hmm_range_node *iv = hmm->invals; iv && !busy; iv = iv->next)
+			busy = overlaps(iv, start, end);
+		hmm_spin_unlock(&hmm->inval_lock);
+		if (!busy)
+			return;
+		atomic_fetch_add(&hmm->inval_waiters, 1);
+		syscall(SYS_futex, &hmm->inval_wake, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+		atomic_fetch_sub(&hmm->inval_waiters, 1);
+	}
+}
+
+/* F2: registers @f; it starts backed off if an invalidation overlaps already. */
+static void fault_register(struct hmm *hmm, struct hmm_range_node *f, uintptr_t start,
+			   uintptr_t end)
+{
+	bool backoff = false;
+
+	f->start = start;
+	f->end = end;
+	hmm_spin_lock(&hmm->inval_lock);
+	for (struct hmm_range_node *iv = hmm->invals; iv && !backoff; iv = iv->next)
+		backoff = overlaps(iv, start, end);
+	atomic_store_explicit(&f->backoff, backoff, memory_order_relaxed);
+	f->next = hmm->faults;
+	hmm->faults = f;
+	hmm_spin_unlock(&hmm->inval_lock);
+}
+
+/* F5 */
+static void fault_unregister(struct hmm *hmm, struct hmm_range_node *f)
+{
+	hmm_spin_lock(&hmm->inval_lock);
+	for (struct hmm_range_node **p = &hmm->faults; *p; p = &(*p)->next) {
+		if (*p == f) {
+			*p = f->next;
+			break;
+		}
+	}
+	hmm_spin_unlock(&hmm->inval_lock);
+}
+
+/* The entries one round of a fault commits: [start, start + n pages). */
+struct fault_batch {
+	uintptr_t start;
+	size_t n;
+	hmm_dpte_t entry[HMM_BATCH_PAGES];
+};
+
+static hmm_pte_t commit_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	const struct fault_batch *fb = arg;
+	hmm_dpte_t e = fb->entry[(addr - fb->start) >> HMM_PAGE_SHIFT];
+
+	/* The same page again keeps what the device reported about it. */
+	if (old && hmm_dpte_addr(old) == hmm_dpte_addr(e))
+		e |= old & HMM_DPTE_DIRTY;
+	return e;
+}
+
+static int count_new_fn(void *arg, uintptr_t addr, hmm_dpte_t entry)
+{
+	(void)addr;
+	(void)entry;
+	(*(long *)arg)++;
+	return 0;
+}
+
+/*
+ * F4: commits @fb unless an invalidation overlapped the round.
+ * Return: 0; -EAGAIN back off; -ENODEV the mirror is going; update()'s error.
+ */
+static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
+			struct fault_batch *fb)
+{
+	uintptr_t end = fb->start + (fb->n << HMM_PAGE_SHIFT);
+	struct hmm_event ev = { .type = HMM_EVENT_MAP, .start = fb->start, .end = end,
+				.owner = mc->dev, .entry = fb->entry };
+	struct hmm_fence *fence = NULL;
+	long before = 0, after = 0;
+	int ret;
+
+	hmm_spin_lock(&mc->pt_lock);
+	if (atomic_load(&mc->dying)) {
+		hmm_spin_unlock(&mc->pt_lock);
+		return -ENODEV;
+	}
+	if (atomic_load_explicit(&f->backoff, memory_order_relaxed)) {
+		hmm_spin_unlock(&mc->pt_lock);
+		return -EAGAIN;
+	}
+	hmm_mirror_walk(mc->mirror, fb->start, end, count_new_fn, &before);
+	ret = hmm_pt_update(&mc->pt, fb->start, end, 0, commit_fn, fb);
+	if (!ret) {
+		after = (long)fb->n;
+		atomic_fetch_add(&mc->entries, after - before);
+		ret = mc->dev->ops->update(mc->mirror, &ev, &fence);
+		hmm_count(&mc->stat.pages_mapped, fb->n);
+	}
+	hmm_spin_unlock(&mc->pt_lock);
+	if (fence) {
+		int w = hmm_fence_wait_put(fence);
+
+		if (!ret)
+			ret = w;
+	}
+	return ret;
+}
+
+/*
+ * One round for a memoryless mirror over [a, s->end), lock-free: every page
+ * must be HOST or EMPTY and not busy. EMPTY pages become HOST here
+ * (page_state.h: their frame reads as zeros until written through the DMA
+ * view). Return: 0 with @fb filled; -EAGAIN a page needs the slow path (busy,
+ * or on a device).
+ */
+struct host_walk {
+	const struct hmm_span *s;
+	hmm_dpte_t perm;
+	struct fault_batch *fb;
+	bool slow;
+};
+
+static hmm_pte_t host_entry_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	struct host_walk *w = arg;
+	size_t i = (addr - w->fb->start) >> HMM_PAGE_SHIFT;
+
+	if (old && ((old & HMM_PTE_BUSY) || hmm_pte_state(old) != HMM_PTE_HOST)) {
+		w->slow = true;
+		return old;
+	}
+	w->fb->entry[i] = (uint64_t)(uintptr_t)hmm_span_dma(w->s, addr) | w->perm;
+	return old ? old : hmm_pte_host();
+}
+
+static int host_entries(struct hmm *hmm, const struct hmm_span *s, uintptr_t a,
+			hmm_dpte_t perm, struct fault_batch *fb)
+{
+	struct host_walk w = { .s = s, .perm = perm, .fb = fb };
+	int ret;
+
+	fb->start = a;
+	fb->n = (s->end - a) >> HMM_PAGE_SHIFT;
+	ret = hmm_pt_update(&hmm->pt, a, s->end, 0, host_entry_fn, &w);
+	if (ret)
+		return ret;
+	return w.slow ? -EAGAIN : 0;
+}
+
+/*
+ * One round over the busy pages @b of @s: brings them where @mc wants them
+ * (its memory, or home for a memoryless mirror) and fills @fb from their new
+ * entries. Return: 0; the move's -errno.
+ */
+static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const struct hmm_span *s,
+			  struct hmm_busy *b, hmm_dpte_t perm, struct fault_batch *fb)
+{
+	uint64_t frames[HMM_BATCH_PAGES];
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+	int ret;
+
+	ret = hmm_move_pages(hmm, s, b, mc->has_memory ? mc : NULL, NULL, mc->dev);
+	if (ret)
+		return ret;
+	fb->start = b->start;
+	fb->n = n;
+	for (size_t i = 0; i < n; i++) {
+		hmm_pte_t e = b->new[i];
+
+		hmm_assert(hmm_busy_taken(b, i));
+		if (hmm_pte_state(e) == HMM_PTE_EMPTY)
+			b->new[i] = e = hmm_pte_host();
+		if (hmm_pte_state(e) == HMM_PTE_DEVICE) {
+			frames[i] = hmm_pte_frame(e);
+			if (hmm_devmem_frame_addr(&mc->mem, &frames[i], 1, &fb->entry[i]))
+				return -EIO;
+			fb->entry[i] |= perm | HMM_DPTE_DEVICE;
+		} else {
+			fb->entry[i] = (uint64_t)(uintptr_t)hmm_span_dma(s, b->start +
+									(i << HMM_PAGE_SHIFT)) |
+				       perm;
+		}
+	}
+	return 0;
+}
+
+int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
+		     unsigned int flags)
+{
+	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
+	bool write = flags & HMM_FAULT_WRITE;
+	struct hmm *hmm = mirror ? mirror->hmm : NULL;
+	struct hmm_mirror_core *mc;
+	struct fault_batch *fb;
+	unsigned int tries = 0;
+	int ret = 0;
+
+	start &= HMM_PAGE_MASK;
+	end = (end + HMM_PAGE_SIZE - 1) & HMM_PAGE_MASK;
+	if (!mirror || start >= end || !hmm_range_valid(start, end) || (flags & ~HMM_FAULT_WRITE))
+		return -EINVAL;
+	if (!hmm_is_live(hmm) || !(mc = mirror_get(hmm, mirror->id)))
+		return -ENODEV;
+	if (mc->mirror != mirror || atomic_load(&mc->dying)) {
+		mirror_put(mc);
+		return -ENODEV;
+	}
+	fb = malloc(sizeof(*fb));
+	if (!fb) {
+		mirror_put(mc);
+		return -ENOMEM;
+	}
+	hmm_count(&hmm->stat.device_faults, 1);
+	hmm_count(&mc->stat.faults, 1);
+
+	for (uintptr_t a = start; a < end && !ret;) {
+		uintptr_t batch_end = (a & ~(batch - 1)) + batch;
+		struct hmm_range_node f;
+		struct hmm_span s;
+		struct hmm_busy b;
+		hmm_dpte_t perm;
+
+		hmm_count(&mc->stat.fault_rounds, 1);
+		if (batch_end > end)
+			batch_end = end;
+		wait_invals(hmm, a, batch_end);				/* F1 */
+		ret = hmm_span_get(hmm, a, batch_end, &s);
+		if (ret)
+			break;		/* -EFAULT: the pages before are mapped */
+		if (!(s.prot & PROT_READ) || (write && !(s.prot & PROT_WRITE))) {
+			hmm_span_put(&s);
+			ret = -EACCES;
+			break;
+		}
+		perm = HMM_DPTE_VALID | ((s.prot & PROT_WRITE) ? HMM_DPTE_WRITE : 0);
+
+		if (!mc->has_memory) {
+			fault_register(hmm, &f, a, s.end);		/* F2 */
+			ret = host_entries(hmm, &s, a, perm, fb);	/* F3 */
+			if (ret == 0 && hmm_span_valid(hmm, &s))
+				goto commit;
+			fault_unregister(hmm, &f);
+			if (ret && ret != -EAGAIN) {
+				hmm_span_put(&s);
+				break;		/* -ENOMEM for the table */
+			}
+			ret = 0;	/* busy or on a device: take the pages */
+		}
+		b.start = a;
+		b.end = s.end;
+		ret = hmm_busy_lock(hmm, &b);
+		if (ret) {
+			hmm_span_put(&s);
+			break;
+		}
+		if (!hmm_span_valid(hmm, &s)) {
+			hmm_busy_unlock(hmm, &b);	/* changed under us: look again */
+			hmm_span_put(&s);
+			continue;
+		}
+		ret = placed_entries(hmm, mc, &s, &b, perm, fb);	/* F3 */
+		if (!ret)
+			fault_register(hmm, &f, a, s.end);		/* F2, while busy */
+		hmm_busy_unlock(hmm, &b);
+		if (ret) {
+			hmm_span_put(&s);
+			if (ret == -ENOMEM && hmm_make_room(hmm, mc, &tries)) {
+				ret = 0;
+				continue;
+			}
+			break;
+		}
+commit:
+		ret = fault_commit(mc, &f, fb);				/* F4 */
+		fault_unregister(hmm, &f);				/* F5 */
+		hmm_span_put(&s);
+		if (ret == -EAGAIN) {
+			ret = 0;
+			continue;	/* an invalidation overlapped: a new round */
+		}
+		if (!ret)
+			a = s.end;
+	}
+	free(fb);
+	mirror_put(mc);
+	return ret;
+}
