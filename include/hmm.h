@@ -134,7 +134,8 @@ struct hmm_fence;			/* hmm/device.h */
  * memory; -EFAULT a page in the range is not libhmm memory
  * (nothing moved); -ENOMEM device memory full and nothing evictable; -EIO a
  * copy failed. Pages before the failing batch have moved. An asynchronous
- * move reports these through its fence.
+ * move reports these through its fence, and -ENODEV if @to was released
+ * before the move ran (nothing moved to it).
  */
 int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *to,
 		unsigned int flags, struct hmm_fence **fence);

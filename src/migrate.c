@@ -713,7 +713,13 @@ static const struct hmm_fence_ops core_fence_ops = {
 struct hmm_mig_job {
 	struct hmm_mig_job *next;
 	uintptr_t start, end;
-	unsigned int to;		/* device id, 0 for the host */
+	/*
+	 * The destination, NULL for the host. The job counts itself as a user
+	 * of it from queueing to completion, so a release of that mirror waits
+	 * for the job (which then finds it dying and fails with -ENODEV), and
+	 * the job can never reach a later mirror that got the same id.
+	 */
+	struct hmm_mirror_core *to;
 	struct core_fence *fence;	/* the job's reference */
 };
 
@@ -739,8 +745,8 @@ static void *migrate_thread(void *arg)
 		pthread_mutex_unlock(&hmm->mig_lock);
 
 		/* The device may have gone since the job was queued. */
-		to = job->to ? hmm_mirror_get(hmm, job->to) : NULL;
-		ret = job->to && !to ? -ENODEV : migrate_range(hmm, job->start, job->end, to);
+		to = job->to;
+		ret = migrate_range(hmm, job->start, job->end, to);
 		if (to)
 			hmm_mirror_put(to);
 		pthread_mutex_lock(&job->fence->lock);
@@ -771,7 +777,7 @@ static int migrate_async(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 	pthread_cond_init(&cf->cond, NULL);
 	job->start = start;
 	job->end = end;
-	job->to = to ? to->id : 0;
+	job->to = to;
 	job->fence = cf;
 
 	pthread_mutex_lock(&hmm->mig_lock);
@@ -781,6 +787,8 @@ static int migrate_async(struct hmm *hmm, uintptr_t start, uintptr_t end, struct
 	}
 	if (!ret) {
 		hmm_fence_get(&cf->base);	/* the caller's */
+		if (to)
+			atomic_fetch_add(&to->users, 1);	/* the job's; the caller holds one */
 		*hmm->mig_tail = job;
 		hmm->mig_tail = &job->next;
 		pthread_cond_signal(&hmm->mig_cond);
