@@ -120,9 +120,9 @@ struct hmm_device *t_dev(unsigned int i)
 
 /* ---- Options ------------------------------------------------------------------- */
 
-static void usage(const char *prog)
+__attribute__((noreturn)) static void usage_exit(const char *prog, int status)
 {
-	fprintf(stderr,
+	fprintf(status ? stderr : stdout,
 		"usage: %s [options]\n"
 		"  --seed N         PRNG seed (default: $HMM_TEST_SEED, else 0x70e7)\n"
 		"  --ops N          stop after N operations in all (default 100000)\n"
@@ -136,7 +136,12 @@ static void usage(const char *prog)
 		"  --inject BUG     make the test's own writers wrong, to see the model catch it:\n"
 		"                   lost-cpu-write or torn-dev-write\n"
 		"  --verbose        progress every second\n", prog);
-	exit(2);
+	exit(status);
+}
+
+__attribute__((noreturn)) static void usage(const char *prog)
+{
+	usage_exit(prog, 2);
 }
 
 static uint64_t number(const char *prog, const char *s)
@@ -182,6 +187,7 @@ static void parse(int argc, char **argv)
 		{ "actor-ops", required_argument, NULL, 'a' },
 		{ "inject", required_argument, NULL, 'i' },
 		{ "verbose", no_argument, NULL, 'v' },
+		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *env = getenv("HMM_TEST_SEED");
@@ -235,6 +241,8 @@ static void parse(int argc, char **argv)
 		case 'v':
 			T.cfg.verbose = true;
 			break;
+		case 'h':
+			usage_exit(argv[0], 0);
 		default:
 			usage(argv[0]);
 		}
