@@ -39,9 +39,7 @@ static const char *target_name(int d)
 /* Errors a migration may return while everything else runs. */
 static void migrate_result(const char *who, int ret, bool unmapped_ok)
 {
-	if (ret == -ENOMEM)
-		t_count(T_ENOMEM, 1);	/* device memory full of busy pages: retried, gave up */
-	else if (ret && !(unmapped_ok && ret == -EFAULT))
+	if (ret && !t_error_ok(ret) && !(unmapped_ok && ret == -EFAULT))
 		t_fail("%s: hmm_migrate: %s (%d)", who, strerror(-ret), ret);
 }
 
@@ -149,6 +147,33 @@ static void migrate_piece(struct t_actor *a)
 	t_op(T_MIGRATE_ASYNC);
 }
 
+/*
+ * Arms one of simdev's failures on a random device for the next few of its
+ * allocations, copies or fences: the core must retry, or fail the move with
+ * every page intact where it was. Copy failures only in thread mode: a CPU
+ * fault whose copy home fails is retried there, but is a SIGBUS in signal
+ * mode, as an uncorrectable memory error would be.
+ */
+static void arm_lib_fault(struct t_actor *a)
+{
+	static const enum simdev_inject any_mode[] = { SIMDEV_FAIL_ALLOC, SIMDEV_FENCE_EAGAIN };
+	static const enum simdev_inject thread_mode[] = { SIMDEV_FAIL_ALLOC, SIMDEV_FENCE_EAGAIN,
+							  SIMDEV_FAIL_COPY, SIMDEV_FENCE_EIO };
+	unsigned int d = t_rand(&a->rng) % T.cfg.devs;
+	unsigned int count = 1 + t_rand(&a->rng) % 4;
+	enum simdev_inject what;
+	int ret;
+
+	if (T.cfg.mode == HMM_FAULT_THREAD)
+		what = thread_mode[t_rand(&a->rng) % 4];
+	else
+		what = any_mode[t_rand(&a->rng) % 2];
+	ret = simdev_inject(T.sd[d], what, count);
+	if (ret)
+		t_fail("%s: simdev_inject: %s", a->name, strerror(-ret));
+	t_count(T_LIB_FAULTS, 1);
+}
+
 void *t_migrator(void *arg)
 {
 	struct t_actor *a = arg;
@@ -156,6 +181,8 @@ void *t_migrator(void *arg)
 	while (!t_should_stop()) {
 		unsigned int kind = t_rand(&a->rng) % 100;
 
+		if (kind < 2 && T.cfg.lib_faults)
+			arm_lib_fault(a);
 		if (kind < 8) {
 			counter_check(a);
 		} else if (kind < 12) {

@@ -8,7 +8,13 @@
  *     device, synchronously and with fences, and checking the counter area;
  *   - an evictor pushing more than a simdev's memory onto it;
  *   - a mapper unmapping slots (in pieces) and mapping fresh ones, and
- *     protecting slots read-only or no-access for a while.
+ *     protecting slots read-only or no-access for a while;
+ *   - now and then, one of simdev's injected failures (allocation, copy,
+ *     fence) on a random device: the core must retry, or fail a move with
+ *     every page intact where it was.
+ * The simdevs differ: an MMU miss asks for 4 KiB, 64 KiB or 512 KiB, and
+ * simdev 1 copies on its throttled DMA engine, behind fences; the CPU
+ * fault-around sizes are drawn from the seed.
  * A shadow model (torture.h) knows what every page must hold: a lost, stale or
  * torn byte is reported by whoever reads it, when it reads it, with the seed.
  *
@@ -47,7 +53,9 @@ static const char *const stat_name[T_NR_STATS] = {
 	[T_MREMAP] = "mremap", [T_FORK] = "fork",
 	[T_PAGES_VERIFIED] = "pages verified", [T_PAGES_SKIPPED] = "page reads skipped",
 	[T_DEV_RUNS] = "kernels run", [T_DEV_COMPLETED_ON_CPU] = "device writes finished on CPU",
-	[T_ENOMEM] = "-ENOMEM (device memory full of busy pages)",
+	[T_ENOMEM] = "-ENOMEM (device memory full, or injected)",
+	[T_EIO] = "-EIO (an injected copy failure)",
+	[T_LIB_FAULTS] = "simdev faults injected",
 };
 
 /* ---- Helpers for the actors ------------------------------------------------- */
@@ -101,6 +109,17 @@ bool t_inject(enum t_inject what)
 	return T.cfg.inject == what && atomic_fetch_add(&calls, 1) % 100 == 99;
 }
 
+bool t_error_ok(int err)
+{
+	if (err == -ENOMEM)
+		t_count(T_ENOMEM, 1);
+	else if (err == -EIO && T.cfg.lib_faults && T.cfg.mode == HMM_FAULT_THREAD)
+		t_count(T_EIO, 1);
+	else
+		return false;
+	return true;
+}
+
 void t_count(enum t_stat st, uint64_t n)
 {
 	atomic_fetch_add_explicit(&T.stat[st], n, memory_order_relaxed);
@@ -133,6 +152,7 @@ __attribute__((noreturn)) static void usage_exit(const char *prog, int status)
 		"  --cpus N         CPU reader/writer threads (default 2)\n"
 		"  --actor-ops L    mapper ops, comma-separated (default munmap,mprotect);\n"
 		"                   mremap and fork wait for the mirror/fork issue\n"
+		"  --no-lib-faults  never arm simdev's failure injection (allocations, copies, fences)\n"
 		"  --inject BUG     make the test's own writers wrong, to see the model catch it:\n"
 		"                   lost-cpu-write or torn-dev-write\n"
 		"  --verbose        progress every second\n", prog);
@@ -186,6 +206,7 @@ static void parse(int argc, char **argv)
 		{ "cpus", required_argument, NULL, 'c' },
 		{ "actor-ops", required_argument, NULL, 'a' },
 		{ "inject", required_argument, NULL, 'i' },
+		{ "no-lib-faults", no_argument, NULL, 'F' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -197,6 +218,7 @@ static void parse(int argc, char **argv)
 		.seed = env ? strtoull(env, NULL, 0) : 0x70e7, .ops = 100000,
 		.mode = HMM_FAULT_THREAD, .mib = 32, .dev_mib = 8, .cpus = 2,
 		.devs = T_MAX_DEVS, .dev_threads = 2, .slot_pages = (2u << 20) / T_PAGE,
+		.lib_faults = true,
 	};
 	T.cfg.actor_op[T_OP_MUNMAP] = T.cfg.actor_op[T_OP_MPROTECT] = true;
 	while ((c = getopt_long(argc, argv, "", opt, NULL)) != -1) {
@@ -238,6 +260,9 @@ static void parse(int argc, char **argv)
 			else
 				usage(argv[0]);
 			break;
+		case 'F':
+			T.cfg.lib_faults = false;
+			break;
 		case 'v':
 			T.cfg.verbose = true;
 			break;
@@ -263,8 +288,16 @@ static void setup(void)
 {
 	/* One MMU miss asks for a page, 64 KiB, or 512 KiB: three fault patterns. */
 	static const size_t fault_bytes[T_MAX_DEVS] = { T_PAGE, 64u << 10, 512u << 10 };
-	struct hmm_options ho = { .sz = sizeof(ho), .fault_mode = T.cfg.mode };
+	/* CPU fault-around, from the seed: 0 is the library's default. */
+	static const size_t around[4] = { 0, T_PAGE, 64u << 10, 2u << 20 };
+	uint64_t rng = t_actor_seed(2000);
+	struct hmm_options ho = { .sz = sizeof(ho), .fault_mode = T.cfg.mode,
+				  .fault_around_bytes = around[t_rand(&rng) % 4],
+				  .device_fault_around_bytes = around[t_rand(&rng) % 4] };
 	int ret;
+
+	fprintf(stderr, "torture: fault-around %zu, device fault-around %zu (0: default)\n",
+		ho.fault_around_bytes, ho.device_fault_around_bytes);
 
 	ret = hmm_init(&ho, &T.hmm);
 	if (ret == -EPERM || ret == -EOPNOTSUPP) {
@@ -281,6 +314,11 @@ static void setup(void)
 					     .fault_bytes = fault_bytes[d] };
 
 		snprintf(name, sizeof(name), "torture%u", d);
+		/* simdev 1's copies take time, on its DMA engine, behind fences. */
+		if (d == 1) {
+			so.dma_bytes_per_sec = 16ull << 30;
+			so.dma_latency_ns = 2000;
+		}
 		ret = simdev_create(T.hmm, &so, &T.sd[d]);
 		if (ret)
 			t_fail("simdev_create: %s", strerror(-ret));

@@ -71,7 +71,7 @@ enum t_stat {
 	T_MIGRATE, T_MIGRATE_ASYNC, T_COUNTER_CHECK, T_EVICT,
 	T_MUNMAP, T_MPROTECT, T_MREMAP, T_FORK,
 	T_PAGES_VERIFIED, T_PAGES_SKIPPED,	/* claimed or changed under the reader */
-	T_DEV_RUNS, T_DEV_COMPLETED_ON_CPU, T_ENOMEM,
+	T_DEV_RUNS, T_DEV_COMPLETED_ON_CPU, T_ENOMEM, T_EIO, T_LIB_FAULTS,
 	T_NR_STATS,
 };
 
@@ -107,6 +107,7 @@ struct t_config {
 	size_t slot_pages;		/* pages of a slot as mapped at first */
 	bool actor_op[T_NR_ACTOR_OPS];
 	enum t_inject inject;
+	bool lib_faults;		/* arm simdev's fault injection now and then */
 	bool verbose;
 };
 
@@ -174,6 +175,12 @@ bool t_should_stop(void);
 /* True once in a while if @what is the --inject mode. */
 bool t_inject(enum t_inject what);
 void t_count(enum t_stat st, uint64_t n);
+/*
+ * An error the library may rightly return under this load: -ENOMEM (device
+ * memory full of busy pages, or an injected allocation failure), -EIO (an
+ * injected copy failure). Counts it. Return: false for any other error.
+ */
+bool t_error_ok(int err);
 /* One operation done by an actor; counted towards --ops. */
 void t_op(enum t_stat st);
 struct hmm_device *t_dev(unsigned int i);
