@@ -473,9 +473,10 @@ static void summary(double secs)
 	struct hmm_stats hs;
 
 	hmm_stats_read(T.hmm, &hs);
-	fprintf(stderr, "torture: %" PRIu64 " ops in %.1f s (%.0f ops/s), %s mode, %zu MiB data, "
-		"%u simdevs of %zu MiB\n", atomic_load(&T.ops_done), secs,
+	fprintf(stderr, "torture: %" PRIu64 " ops in %.1f s (%.0f ops/s; stopped by %s), %s mode, "
+		"%zu MiB data, %u simdevs of %zu MiB\n", atomic_load(&T.ops_done), secs,
 		(double)atomic_load(&T.ops_done) / secs,
+		atomic_load(&T.ops_done) >= T.cfg.ops ? "--ops" : "--seconds",
 		T.cfg.mode == HMM_FAULT_SIGNAL ? "signal" : "thread", T.cfg.mib, T.cfg.devs,
 		T.cfg.dev_mib);
 	for (int i = 0; i < T_NR_STATS; i++)
