@@ -4,6 +4,7 @@
 #   make check-asan  the same tests under ASan+UBSan
 #   make check-tsan  the same tests under TSan
 #   make bench       build and run every benchmark, printing their BENCH lines
+#   make torture     the long torture run, both fault modes (OPS=, SEED=, TORTURE_FLAGS=)
 #   make install     install the library and headers (PREFIX=/usr/local)
 
 JOBS   ?= $(shell nproc)
@@ -15,7 +16,13 @@ BUILD_ASAN = build-asan
 BUILD_TSAN = build-tsan
 BUILD_BENCH = build-bench
 
-.PHONY: all deps demo check check-asan check-tsan check-all bench install clean
+# make torture: operations per fault mode, and the seed (default: a new one
+# each run, printed first so a failure replays with SEED=).
+OPS  ?= 1000000
+SEED ?= $(shell date +%s)
+TORTURE_FLAGS ?=
+
+.PHONY: all deps demo check check-asan check-tsan check-all bench torture install clean
 
 all: deps
 	cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
@@ -48,6 +55,10 @@ bench: deps
 	cmake -S . -B $(BUILD_BENCH) -DCMAKE_BUILD_TYPE=Release -DHMM_DEBUG_CHECKS=OFF $(CMAKE_FLAGS) >/dev/null
 	cmake --build $(BUILD_BENCH) -j $(JOBS)
 	./bench/run-all.sh $(BUILD_BENCH)/bench
+
+torture: all
+	./$(BUILD)/tests/torture/torture --ops $(OPS) --seed $(SEED) --mode thread --verbose $(TORTURE_FLAGS)
+	./$(BUILD)/tests/torture/torture --ops $(OPS) --seed $(SEED) --mode signal --verbose $(TORTURE_FLAGS)
 
 install: all
 	cmake --install $(BUILD) --prefix $(PREFIX)
