@@ -50,7 +50,9 @@
  * it for this mirror, it sees backoff (I1 happened before I2 in I's thread,
  * and pt_lock orders I2 before F4) and retries. If F4 took pt_lock before
  * I2, F's entries are in the table when I2 looks, and I2 drops them before
- * I4 changes any page. So every entry F commits is either dropped by I or
+ * I4 changes any page. This is why I2 takes every mirror's pt_lock, even
+ * only to find it maps nothing in the range: a look without the lock could
+ * miss a commit that had already read its backoff flag as clear. So every entry F commits is either dropped by I or
  * was read after I ended. The cost: a fault overlapping an invalidation is
  * one more round (hmm_mirror_stats.fault_rounds).
  *
@@ -470,12 +472,14 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 
 		if (!hmm_mirror_by_id(hmm, id) || !(mc = mirror_get(hmm, id)))
 			continue;
-		if (!atomic_load(&mc->entries)) {
-			mirror_put(mc);
-			continue;
-		}
+		/*
+		 * Under pt_lock even to learn there is nothing to drop: a fault
+		 * that read its backoff flag before I1 and commits after this
+		 * look must be seen here (see the timeline at the top).
+		 */
 		hmm_spin_lock(&mc->pt_lock);
-		if (!hmm_mirror_walk(mc->mirror, start, end, first_entry_fn, NULL)) {
+		if (!atomic_load(&mc->entries) ||
+		    !hmm_mirror_walk(mc->mirror, start, end, first_entry_fn, NULL)) {
 			hmm_spin_unlock(&mc->pt_lock);
 			mirror_put(mc);
 			continue;
