@@ -87,6 +87,13 @@ int hmm_fini(struct hmm *hmm);
 
 /*
  * hmm_mmap - map @length bytes (rounded up to pages) of peer-shared memory.
+ *
+ * fork: the memory is not inherited (MADV_DONTFORK, the convention of RDMA
+ * registered memory). A child has nothing mapped at its addresses, so it can
+ * never read a stale host copy of a page that lives on a device: an access
+ * there gets SIGSEGV. The parent's memory, devices and data are unaffected.
+ * A child must not call libhmm (its address space is the parent's); it may
+ * exec, or hmm_init() one of its own after exec.
  * @prot:  PROT_NONE, or PROT_READ optionally with PROT_WRITE.
  * @flags: 0 (reserved).
  * @addr:  receives the address. Pages read as zeros until written.

@@ -165,6 +165,12 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	cpu = mmap(NULL, len, prot, MAP_SHARED | MAP_NORESERVE, f->fd, 0);
 	if (cpu == MAP_FAILED)
 		goto fail_errno;
+	/*
+	 * fork(): neither view is inherited (include/hmm.h, "fork"), so a child
+	 * can never read a host frame whose data lives on a device.
+	 */
+	if (madvise(f->dma, len, MADV_DONTFORK) || madvise(cpu, len, MADV_DONTFORK))
+		goto fail_errno;
 	ret = hmm_uffd_register(hmm->uffd, cpu, len,
 				HMM_UFFD_MISSING | HMM_UFFD_MINOR | HMM_UFFD_WP, NULL);
 	if (ret)
