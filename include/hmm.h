@@ -115,6 +115,27 @@ int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
  */
 int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot);
 
+/*
+ * hmm_madvise - advice on [@addr, @addr + @length).
+ * @advice: HMM_ADV_DISCARD: the contents are thrown away: every page reads as
+ *          zeros again, its host and device memory is freed, and every device
+ *          drops its entries (HMM_EVENT_DISCARD) before the call returns.
+ * Return: 0; -EINVAL as hmm_munmap(), or an unknown @advice.
+ */
+#define HMM_ADV_DISCARD	1
+int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice);
+
+/*
+ * hmm_dirty - which pages of [@addr, @addr + @length) a device has written:
+ * @vec receives one byte per page, 1 if a device wrote it since it was last
+ * never-touched (hmm_mmap, HMM_ADV_DISCARD), else 0. Devices that still map
+ * a page are asked (HMM_EVENT_ISDIRTY); the others reported when their
+ * entries went away. Writes by the CPU are not counted.
+ * Return: 0; -EINVAL bad range or NULL @vec; -EFAULT a page is not libhmm
+ * memory.
+ */
+int hmm_dirty(struct hmm *hmm, void *addr, size_t length, unsigned char *vec);
+
 /* ---- Migration ----------------------------------------------------------- */
 
 struct hmm_device;			/* hmm/device.h */

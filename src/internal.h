@@ -366,9 +366,9 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot);
 /*
  * For [start, end), whose pages the caller holds busy: invalidates every
- * mirror's entries with @type (MUNMAP or PROTECT) and waits; for MUNMAP also
- * frees the device frames of pages on devices (the caller then clears the
- * entries).
+ * mirror's entries with @type (MUNMAP, DISCARD or PROTECT) and waits; for
+ * MUNMAP and DISCARD also frees the device frames of pages on devices (the
+ * caller then clears the entries).
  */
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			      enum hmm_event_type type);

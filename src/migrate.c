@@ -471,7 +471,7 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_mirrors(hmm, start, end, type, NULL);
-	for (uintptr_t a = start; a < end && type == HMM_EVENT_MUNMAP; a += HMM_PAGE_SIZE) {
+	for (uintptr_t a = start; a < end && type != HMM_EVENT_PROTECT; a += HMM_PAGE_SIZE) {
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 		uint64_t f = hmm_pte_frame(e);
 

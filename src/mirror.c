@@ -512,6 +512,62 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 	}
 }
 
+/* ---- Dirty pages -------------------------------------------------------------------- */
+
+struct dirty_vec {
+	uintptr_t start;
+	unsigned char *vec;
+};
+
+static int dirty_entry_fn(void *arg, uintptr_t addr, hmm_dpte_t entry)
+{
+	struct dirty_vec *d = arg;
+
+	if (entry & HMM_DPTE_DIRTY)
+		d->vec[(addr - d->start) >> HMM_PAGE_SHIFT] = 1;
+	return 0;
+}
+
+int hmm_dirty(struct hmm *hmm, void *addr, size_t length, unsigned char *vec)
+{
+	uintptr_t start = (uintptr_t)addr, end = start + length;
+	struct hmm_event ev = { .type = HMM_EVENT_ISDIRTY, .start = start, .end = end };
+	struct dirty_vec d = { .start = start, .vec = vec };
+	unsigned int max;
+	int ret;
+
+	if (!hmm_is_live(hmm) || !vec || !length || (start | length) & ~HMM_PAGE_MASK ||
+	    !hmm_range_valid(start, end))
+		return -EINVAL;
+	ret = hmm_range_check(hmm, start, end, 0);
+	if (ret)
+		return ret;
+	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE)
+		vec[(a - start) >> HMM_PAGE_SHIFT] =
+			!!(hmm_pt_lookup(&hmm->pt, a) & HMM_PTE_DIRTY);
+	/* Then what the devices that still map pages here know. */
+	max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+	for (unsigned int id = 1; id <= max; id++) {
+		struct hmm_mirror_core *mc = mirror_get(hmm, id);
+		struct hmm_fence *f = NULL;
+
+		if (!mc)
+			continue;
+		hmm_spin_lock(&mc->pt_lock);
+		if (atomic_load(&mc->entries) &&
+		    hmm_mirror_walk(mc->mirror, start, end, first_entry_fn, NULL)) {
+			mc->dev->ops->update(mc->mirror, &ev, &f);
+			hmm_count(&mc->stat.events, 1);
+			hmm_mirror_walk(mc->mirror, start, end, dirty_entry_fn, &d);
+		}
+		hmm_spin_unlock(&mc->pt_lock);
+		if (f)
+			hmm_fence_wait_put(f);
+		mirror_put(mc);
+	}
+	return 0;
+}
+
 /* ---- Device faults ----------------------------------------------------------------- */
 
 /* F1: waits, holding nothing, until no invalidation overlaps [start, end). */

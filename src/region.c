@@ -420,6 +420,53 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
 	return change_range(hmm, start, end, prot);
 }
 
+/*
+ * HMM_ADV_DISCARD: every page of [start, end) goes back to never-touched.
+ * Devices drop their entries (DISCARD) and give back their frames, the host
+ * frames are punched out of the memfds (which also removes them from the CPU
+ * view), the entries become EMPTY.
+ */
+static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	struct hmm_region_table *t;
+	int ret;
+
+	pthread_mutex_lock(&hmm->lock);
+	t = table_of(hmm);
+	ret = covered(t, start, end) < 0 ? -EINVAL : hmm_busy_lock_range(hmm, start, end);
+	if (ret) {
+		pthread_mutex_unlock(&hmm->lock);
+		return ret;
+	}
+	hmm_release_device_pages(hmm, start, end, HMM_EVENT_DISCARD);
+	for (size_t i = 0; i < t->nr; i++) {
+		struct hmm_region *r = t->region[i];
+		uintptr_t s = r->start > start ? r->start : start;
+		uintptr_t e = r->end < end ? r->end : end;
+
+		if (s < e)
+			fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
+	}
+	hmm_pt_clear(&hmm->pt, start, end, NULL);	/* EMPTY, and no longer busy */
+	hmm_busy_wake_all(hmm);
+	pthread_mutex_unlock(&hmm->lock);
+	return 0;
+}
+
+int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice)
+{
+	uintptr_t start, end;
+
+	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
+		return -EINVAL;
+	switch (advice) {
+	case HMM_ADV_DISCARD:
+		return discard_range(hmm, start, end);
+	}
+	return -EINVAL;
+}
+
 void hmm_region_destroy_all(struct hmm *hmm)
 {
 	struct hmm_region_table *old = table_of(hmm);
