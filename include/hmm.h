@@ -102,7 +102,10 @@ int hmm_fini(struct hmm *hmm);
 int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void **addr);
 
 /*
- * hmm_munmap - unmap [@addr, @addr + @length) and free its memory. The range
+ * hmm_munmap - unmap [@addr, @addr + @length) and free its memory. A plain
+ * munmap() of libhmm memory has the same effect, shortly after it returns
+ * (the core learns of it from a userfaultfd event). mremap() of libhmm memory
+ * is not supported. The range
  * may cover parts of several mappings, but every page in it must be libhmm's.
  * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, or a page in
  * the range that is not libhmm memory (nothing is unmapped then).

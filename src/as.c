@@ -89,6 +89,16 @@ static void serve_messages(struct hmm *hmm)
 	while (hmm_uffd_read_msg(hmm->uffd, &msg) == 0) {
 		uintptr_t page;
 
+		if (msg.event == UFFD_EVENT_UNMAP) {
+			/*
+			 * A foreign munmap() of a CPU view: it is gone already
+			 * (the caller resumed when we read this). Forget it as
+			 * hmm_munmap() would, except for the CPU view itself.
+			 */
+			hmm_region_forget(hmm, (uintptr_t)msg.arg.remove.start,
+					  (uintptr_t)msg.arg.remove.end);
+			continue;
+		}
 		if (msg.event != UFFD_EVENT_PAGEFAULT)
 			continue;
 		page = (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK;
@@ -120,17 +130,15 @@ static void *fault_thread(void *arg)
 	return NULL;
 }
 
+/*
+ * Both modes start the fault thread: in thread mode it serves CPU faults and
+ * events, in signal mode (faults arrive as SIGBUS) only events, which the
+ * kernel delivers as messages whatever the mode.
+ */
 int hmm_fault_service_start(struct hmm *hmm)
 {
 	struct sigaction sa;
 
-	if (hmm->fault_mode == HMM_FAULT_SIGNAL) {
-		memset(&sa, 0, sizeof(sa));
-		sa.sa_sigaction = sigbus_handler;
-		sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
-		sigemptyset(&sa.sa_mask);
-		return sigaction(SIGBUS, &sa, &previous_sigbus) ? -errno : 0;
-	}
 	hmm->stop_fd = eventfd(0, EFD_CLOEXEC);
 	if (hmm->stop_fd < 0)
 		return -errno;
@@ -139,6 +147,19 @@ int hmm_fault_service_start(struct hmm *hmm)
 		return -EAGAIN;
 	}
 	hmm->thread_running = true;
+	if (hmm->fault_mode == HMM_FAULT_SIGNAL) {
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = sigbus_handler;
+		sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+		sigemptyset(&sa.sa_mask);
+		if (sigaction(SIGBUS, &sa, &previous_sigbus)) {
+			int ret = -errno;
+
+			hmm_fault_service_stop(hmm);
+			return ret;
+		}
+		hmm->sigbus_installed = true;
+	}
 	return 0;
 }
 
@@ -146,9 +167,9 @@ void hmm_fault_service_stop(struct hmm *hmm)
 {
 	uint64_t one = 1;
 
-	if (hmm->fault_mode == HMM_FAULT_SIGNAL) {
+	if (hmm->sigbus_installed) {
 		sigaction(SIGBUS, &previous_sigbus, NULL);
-		return;
+		hmm->sigbus_installed = false;
 	}
 	if (!hmm->thread_running)
 		return;
@@ -194,7 +215,7 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 {
 	struct hmm *hmm;
 	uint64_t features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM |
-			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_EVENT_UNMAP;
 	int ret;
 
 	if (!out)

@@ -160,9 +160,10 @@ struct hmm {
 	pthread_mutex_t lock;			/* see "Locks" above */
 	_Atomic(struct hmm_region_table *) regions; /* RCU-published */
 
-	pthread_t fault_thread;			/* thread mode only */
+	pthread_t fault_thread;			/* faults (thread mode) and events */
 	int stop_fd;				/* eventfd: tells the fault thread to exit */
 	bool thread_running;
+	bool sigbus_installed;			/* signal mode */
 
 	/* Mirrors by id (1..HMM_MAX_DEVICES); changed under dev_lock, read lock-free. */
 	pthread_mutex_t dev_lock;
@@ -239,6 +240,13 @@ static inline char *hmm_span_dma(const struct hmm_span *s, uintptr_t addr)
 
 /* The region containing @addr, or NULL. Context: inside an RCU read section. */
 struct hmm_region *hmm_region_find(struct hmm *hmm, uintptr_t addr);
+/*
+ * A foreign munmap() removed the CPU view of [start, end) (a uffd UNMAP
+ * event): the libhmm regions there are released as hmm_munmap() would,
+ * except for the CPU view, which is gone already and may hold a new mapping.
+ * Context: the fault thread.
+ */
+void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end);
 /* Unmaps and frees every region. Context: hmm_fini(), no concurrent users. */
 void hmm_region_destroy_all(struct hmm *hmm);
 

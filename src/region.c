@@ -323,11 +323,15 @@ fail:
  * Tears down the part [s, e) of old region @r that left the table. Its pages
  * are busy (ours), so no fault or migration touches them meanwhile.
  */
-static void unmap_part(struct hmm *hmm, struct hmm_region *r, uintptr_t s, uintptr_t e)
+static void unmap_part(struct hmm *hmm, struct hmm_region *r, uintptr_t s, uintptr_t e,
+		       bool cpu_view_gone)
 {
 	hmm_release_device_pages(hmm, s, e, HMM_EVENT_MUNMAP);
-	hmm_uffd_unregister(hmm->uffd, (void *)s, e - s);
-	munmap((void *)s, e - s);
+	if (!cpu_view_gone) {
+		/* Unregistered first: our own munmap raises no UNMAP event. */
+		hmm_uffd_unregister(hmm->uffd, (void *)s, e - s);
+		munmap((void *)s, e - s);
+	}
 	hmm_pt_clear(&hmm->pt, s, e, NULL);	/* EMPTY, and no longer busy */
 	hmm_busy_wake_all(hmm);
 	fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -354,7 +358,8 @@ static void release_replaced(struct hmm_region_table *old, uintptr_t start, uint
  * drop the device entries the change invalidates, and tear down what only the
  * old table described.
  */
-static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot)
+static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot,
+			bool cpu_view_gone)
 {
 	struct hmm_region_table *old, *t;
 	int ret = 0;
@@ -393,7 +398,7 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 		uintptr_t e = r->end < end ? r->end : end;
 
 		if (s < e)
-			unmap_part(hmm, r, s, e);
+			unmap_part(hmm, r, s, e, cpu_view_gone);
 	}
 	release_replaced(old, start, end);
 	free(old);
@@ -408,7 +413,35 @@ int hmm_munmap(struct hmm *hmm, void *addr, size_t length)
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
 		return -EINVAL;
-	return change_range(hmm, start, end, -1);
+	return change_range(hmm, start, end, -1, false);
+}
+
+void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	start &= HMM_PAGE_MASK;
+	end = (end + HMM_PAGE_SIZE - 1) & HMM_PAGE_MASK;
+	while (start < end) {
+		struct hmm_region_table *t;
+		uintptr_t s = end, e = end;
+
+		/* The first libhmm stretch at or after @start, one region at a time. */
+		pthread_mutex_lock(&hmm->lock);
+		t = table_of(hmm);
+		for (size_t i = 0; i < t->nr; i++) {
+			struct hmm_region *r = t->region[i];
+
+			if (r->end > start && r->start < end) {
+				s = r->start > start ? r->start : start;
+				e = r->end < end ? r->end : end;
+				break;
+			}
+		}
+		pthread_mutex_unlock(&hmm->lock);
+		if (s >= end)
+			return;
+		change_range(hmm, s, e, -1, true);
+		start = e;
+	}
 }
 
 int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
@@ -417,7 +450,7 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end) || !prot_valid(prot))
 		return -EINVAL;
-	return change_range(hmm, start, end, prot);
+	return change_range(hmm, start, end, prot, false);
 }
 
 /*
@@ -474,7 +507,7 @@ void hmm_region_destroy_all(struct hmm *hmm)
 	for (size_t i = 0; i < old->nr; i++) {
 		struct hmm_region *r = old->region[i];
 
-		unmap_part(hmm, r, r->start, r->end);	/* nobody else runs now */
+		unmap_part(hmm, r, r->start, r->end, false);	/* nobody else runs now */
 		file_put(r->file);
 		free(r);
 	}
