@@ -7,8 +7,16 @@
  * A page's state is its logical page-table entry (encoding in pt.h). Every
  * transition is made by the page's owner: the thread that took it busy
  * (HMM_PTE_BUSY, busy.c), which releases it with the new entry. Only the
- * owner copies the page's data or maps it into the CPU view or a device, so
- * no two transitions of a page ever overlap.
+ * owner copies the page's data or maps it into the CPU view, so no two
+ * transitions of a page ever overlap. One exception, marked below: EMPTY ->
+ * HOST by a memoryless mirror's fault, an atomic update of a page nobody
+ * holds (it changes no data and takes no mapping away).
+ *
+ * Device mappings are the mirrors' (mirror.c): every transition that takes a
+ * page away from where a device may map it (the rows marked "invalidates")
+ * runs between hmm_inval_begin() and hmm_inval_end(), drops the entries of
+ * every mirror that maps the page and waits for their fences before the
+ * page changes; a device fault that overlaps backs off and retries.
  *
  * States in use:
  *
@@ -18,13 +26,17 @@
  *              is still a hole and the page reads as zeros. The CPU view may
  *              or may not map it: if not, a CPU access raises MINOR (or
  *              MISSING for a hole) and the frame is mapped back with
- *              UFFDIO_CONTINUE (or zero-filled), data intact. No device maps
- *              it (devices map only their own memory for now).
+ *              UFFDIO_CONTINUE (or zero-filled), data intact. Memoryless
+ *              devices may map the host frame (read-write if the region is
+ *              writable), coherently with the CPU.
  *   DEVICE(d)  the only valid copy is device d's frame (entry: device,
  *              frame). The host frame is kept but stale, and the CPU view
  *              does not map it, so a CPU access faults (MINOR, or MISSING if
  *              the page went to the device never touched). Device d may map
  *              it; no other device does.
+ *   + DIRTY    a device wrote the page (reported when its mirror entry went,
+ *              or on HMM_EVENT_ISDIRTY); kept across moves, cleared only by
+ *              going back to EMPTY.
  *   + BUSY     an owner is working on the page; everyone else waits (CPU
  *              faults, device faults, migrations, munmap) or, if they hold
  *              pages already, skips it (fault-around, eviction).
@@ -36,31 +48,45 @@
  *   EMPTY      HOST       CPU fault (fault.c)      zero-filled and mapped with
  *                                                  UFFDIO_ZEROPAGE, then the
  *                                                  entry released as HOST
+ *   EMPTY      HOST       memoryless mirror's      atomic update, page not busy
+ *                         fault (mirror.c)         (see above); the device maps
+ *                                                  the hole's frame, which reads
+ *                                                  as zeros until written
  *   EMPTY      DEVICE(d)  hmm_migrate, device      frame allocated on d and
  *                         fault (migrate.c)        zero-filled there; the host
  *                                                  frame stays a hole
- *   HOST       DEVICE(d)  hmm_migrate, device      CPU view zapped (MADV_
- *                         fault                    DONTNEED), frame allocated
- *                                                  on d, copied through the DMA
- *                                                  view
- *   DEVICE(d)  HOST       CPU fault, hmm_migrate,  d's entries dropped
- *                         eviction, device         (update(MIGRATE) + fence),
- *                         unregister               copied into the host frame,
- *                                                  d's frame freed; a CPU fault
- *                                                  then maps it with CONTINUE
- *   DEVICE(d)  DEVICE(e)  hmm_migrate, device      d's entries dropped, copied
+ *   HOST       DEVICE(d)  hmm_migrate, device      invalidates (mirrors mapping
+ *                         fault                    the host frame); CPU view
+ *                                                  zapped (MADV_DONTNEED), frame
+ *                                                  allocated on d, copied
+ *                                                  through the DMA view
+ *   DEVICE(d)  HOST       CPU fault, hmm_migrate,  invalidates: d's entries
+ *                         eviction, mirror         dropped (update(MIGRATE) +
+ *                         release                  fence); copied into the host
+ *                                                  frame, d's frame freed; a
+ *                                                  CPU fault then maps it with
+ *                                                  CONTINUE
+ *   DEVICE(d)  DEVICE(e)  hmm_migrate, device      invalidates; copied
  *                         fault of e               by e (or through the host
  *                                                  frame), d's frame freed
- *   DEVICE(d)  DEVICE(d)  device fault of d        update(MAP): d maps it
+ *   DEVICE(d)  DEVICE(d)  device fault of d        update(MAP) after the busy
+ *   HOST       HOST       memoryless device fault  pages are released, unless
+ *                                                  an invalidation overlapped
+ *                                                  (collision-retry, mirror.c)
  *   any        (same)     a failed copy or         the entry it was taken with:
  *                         allocation               data where it was
- *   any        EMPTY      hmm_munmap (region.c)    devices' entries dropped
+ *   any        EMPTY      hmm_munmap, a foreign    invalidates: devices' entries
+ *                         munmap (region.c)        dropped
  *                                                  (update(MUNMAP)), device
  *                                                  frames freed, CPU view
  *                                                  unregistered and unmapped,
  *                                                  entry cleared, host frame
  *                                                  punched out of the memfd
- *   DEVICE(d)  DEVICE(d)  hmm_mprotect             update(PROTECT): d faults
+ *   any        EMPTY      hmm_madvise(DISCARD)     invalidates (DISCARD), device
+ *                                                  frames freed, host frames
+ *                                                  punched (which unmaps them
+ *                                                  from the CPU view too)
+ *   any        (same)     hmm_mprotect             invalidates (PROTECT): d faults
  *                                                  again and is mapped with the
  *                                                  new permission
  *
