@@ -328,7 +328,7 @@ void hmm_mirror_release_all(struct hmm *hmm)
 
 int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *st)
 {
-	struct hmm_mirror_core *mc;
+	struct hmm_mirror_core *mc = NULL;
 
 	if (!mirror || !st)
 		return -EINVAL;
@@ -764,6 +764,15 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 	return 0;
 }
 
+/* The entry bits @s's protection gives; -EACCES if it forbids the access. */
+static int access_perm(const struct hmm_span *s, bool write, hmm_dpte_t *perm)
+{
+	if (!(s->prot & PROT_READ) || (write && !(s->prot & PROT_WRITE)))
+		return -EACCES;
+	*perm = HMM_DPTE_VALID | ((s->prot & PROT_WRITE) ? HMM_DPTE_WRITE : 0);
+	return 0;
+}
+
 int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		     unsigned int flags)
 {
@@ -807,19 +816,34 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		ret = hmm_span_get(hmm, a, batch_end, &s);
 		if (ret)
 			break;		/* -EFAULT: the pages before are mapped */
-		if (!(s.prot & PROT_READ) || (write && !(s.prot & PROT_WRITE))) {
+		ret = access_perm(&s, write, &perm);
+		if (ret) {
 			hmm_span_put(&s);
-			ret = -EACCES;
 			break;
 		}
-		perm = HMM_DPTE_VALID | ((s.prot & PROT_WRITE) ? HMM_DPTE_WRITE : 0);
 
 		if (!mc->has_memory) {
 			fault_register(hmm, &f, a, s.end);		/* F2 */
-			ret = host_entries(hmm, &s, a, perm, fb);	/* F3 */
-			if (ret == 0 && hmm_span_valid(hmm, &s))
+			/*
+			 * The protection as of now (hmm_span_valid() refreshes it):
+			 * a change after this look marks us (mprotect's
+			 * invalidation begins after it publishes).
+			 */
+			if (!hmm_span_valid(hmm, &s)) {
+				fault_unregister(hmm, &f);
+				hmm_span_put(&s);
+				continue;
+			}
+			ret = access_perm(&s, write, &perm);
+			if (!ret)
+				ret = host_entries(hmm, &s, a, perm, fb);	/* F3 */
+			if (ret == 0)
 				goto commit;
 			fault_unregister(hmm, &f);
+			if (ret == -EACCES) {
+				hmm_span_put(&s);
+				break;
+			}
 			if (ret && ret != -EAGAIN) {
 				hmm_span_put(&s);
 				break;		/* -ENOMEM for the table */
@@ -837,6 +861,13 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			hmm_busy_unlock(hmm, &b);	/* changed under us: look again */
 			hmm_span_put(&s);
 			continue;
+		}
+		/* The protection as of now: no mprotect can publish while we hold the pages. */
+		ret = access_perm(&s, write, &perm);
+		if (ret) {
+			hmm_busy_unlock(hmm, &b);
+			hmm_span_put(&s);
+			break;
 		}
 		ret = placed_entries(hmm, mc, &s, &b, perm, fb);	/* F3 */
 		if (!ret)
