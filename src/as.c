@@ -120,8 +120,12 @@ static void *fault_thread(void *arg)
 	};
 
 	for (;;) {
-		if (poll(pfd, 2, -1) < 0)
-			continue;	/* EINTR */
+		/* Wakes every 100 ms at most: a safe point to free page-table directories. */
+		int n = poll(pfd, 2, 100);
+
+		hmm_reclaim_due(hmm);
+		if (n <= 0)
+			continue;	/* timeout, EINTR */
 		if (pfd[1].revents)
 			break;
 		if (pfd[0].revents & POLLIN)
@@ -238,6 +242,12 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 	ret = hmm_pt_init(&hmm->pt);
 	if (ret)
 		goto fail_unlock;
+	/*
+	 * Entries change with busy pages held, and a SIGBUS handler waits for
+	 * busy pages inside a read section: never wait for a grace period
+	 * there (hmm_reclaim_due() at safe points instead).
+	 */
+	hmm->pt.defer_reclaim = true;
 	hmm->regions = calloc(1, sizeof(struct hmm_region_table));
 	if (!hmm->regions) {
 		ret = -ENOMEM;

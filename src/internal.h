@@ -330,6 +330,12 @@ struct hmm_mirror_core *hmm_mirror_of(struct hmm *hmm, const struct hmm_device *
 struct hmm_mirror_core *hmm_mirror_get_of(struct hmm *hmm, const struct hmm_device *dev);
 struct hmm_mirror_core *hmm_mirror_get(struct hmm *hmm, unsigned int id);
 void hmm_mirror_put(struct hmm_mirror_core *mc);
+/*
+ * Frees the page-table directories (logical and mirrors') waiting for a grace
+ * period, if a batch is due. The tables defer_reclaim: this is called where
+ * the caller holds no busy page and no lock, and not from a signal handler.
+ */
+void hmm_reclaim_due(struct hmm *hmm);
 /* Releases every mirror (hmm_fini(): the regions are gone already). */
 void hmm_mirror_release_all(struct hmm *hmm);
 /* Releases @hmm's mirror of @dev if there is one. Context: init_lock held. */

@@ -839,5 +839,7 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 			      migrate_range(hmm, start, end, mc);
 	if (mc)
 		hmm_mirror_put(mc);
+	if (!fence)
+		hmm_reclaim_due(hmm);
 	return ret;
 }

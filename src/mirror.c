@@ -198,6 +198,7 @@ int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
 		ret = -ENOMEM;
 		goto out_dev;
 	}
+	mc->pt.defer_reclaim = true;	/* cleared under pt_lock, with pages busy */
 	mc->mirror = mirror;
 	mc->dev = dev;
 	mc->id = id;
@@ -377,6 +378,21 @@ void hmm_mirror_set_dirty(struct hmm_mirror *mirror, uintptr_t addr)
 
 	addr &= HMM_PAGE_MASK;
 	hmm_pt_update(&mc->pt, addr, addr + HMM_PAGE_SIZE, HMM_PT_PRESENT_ONLY, set_dirty_fn, NULL);
+}
+
+void hmm_reclaim_due(struct hmm *hmm)
+{
+	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+
+	hmm_pt_reclaim_due(&hmm->pt);
+	for (unsigned int id = 1; id <= max; id++) {
+		struct hmm_mirror_core *mc = mirror_get(hmm, id);
+
+		if (mc) {
+			hmm_pt_reclaim_due(&mc->pt);
+			mirror_put(mc);
+		}
+	}
 }
 
 /* ---- Invalidations -------------------------------------------------------------- */
@@ -812,6 +828,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		hmm_count(&mc->stat.fault_rounds, 1);
 		if (batch_end > end)
 			batch_end = end;
+		hmm_reclaim_due(hmm);		/* holding nothing: a safe point */
 		wait_invals(hmm, a, batch_end);				/* F1 */
 		ret = hmm_span_get(hmm, a, batch_end, &s);
 		if (ret)

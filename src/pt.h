@@ -156,6 +156,13 @@ struct hmm_pt {
 	pthread_mutex_t deferred_lock;	/* protects @deferred, @nr_deferred; leaf lock */
 	struct hmm_pt_dir *deferred;	/* unlinked, freed after a grace period */
 	long nr_deferred;
+	/*
+	 * Set by the owner after hmm_pt_init(): updates never wait for a grace
+	 * period themselves (their callers may hold what a reader in a read
+	 * section waits for: busy pages, spin locks); the owner calls
+	 * hmm_pt_reclaim_due() where it holds nothing.
+	 */
+	bool defer_reclaim;
 };
 
 /*
@@ -251,6 +258,13 @@ int hmm_pt_clear(struct hmm_pt *pt, uintptr_t start, uintptr_t end, hmm_pte_t *o
  * Context: must not be called inside a read section; sleeps.
  */
 void hmm_pt_reclaim(struct hmm_pt *pt);
+
+/*
+ * hmm_pt_reclaim() if a batch of directories is waiting and we are not in a
+ * read section. Context: as hmm_pt_reclaim(); the caller holds nothing a
+ * reader could be waiting for.
+ */
+void hmm_pt_reclaim_due(struct hmm_pt *pt);
 
 /* Live (linked) directories below the root: 0 for an empty table. */
 static inline long hmm_pt_dirs(struct hmm_pt *pt)

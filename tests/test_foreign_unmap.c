@@ -37,12 +37,17 @@ static uint64_t mapped_bytes(void)
 	return st.mapped_bytes;
 }
 
-/* Waits up to 5 s for the core to have handled the event. */
-static void await_mapped(uint64_t bytes)
+/*
+ * Waits up to 5 s for the core to have handled the event: the region gone
+ * from the table, then the device frames given back (a moment later).
+ */
+static void await_released(struct simdev *sd, uint64_t bytes, uint64_t device_bytes)
 {
-	for (int i = 0; i < 5000 && mapped_bytes() != bytes; i++)
+	for (int i = 0; i < 5000 && (mapped_bytes() != bytes ||
+				     hmm_device_mem_used(simdev_device(sd)) != device_bytes); i++)
 		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 	CHECK_EQ(mapped_bytes(), bytes);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), device_bytes);
 }
 
 struct job {
@@ -93,8 +98,7 @@ static void run(void)
 
 	/* A foreign munmap of the middle 2 MiB. */
 	CHECK_EQ(munmap(p + 3 * MiB, 2 * MiB), 0);
-	await_mapped(len - 2 * MiB);
-	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), len - 2 * MiB);
+	await_released(sd, len - 2 * MiB, len - 2 * MiB);
 	CHECK_EQ(hmm_munmap(hmm, p + 3 * MiB, PAGE), -EINVAL);	/* not ours any more */
 	CHECK_EQ(device_reads(sd, p + 3 * MiB, PAGE), -EFAULT);
 	/* The rest is intact, on the device and on the CPU. */
@@ -106,8 +110,7 @@ static void run(void)
 
 	/* A foreign munmap of everything that is left, holes included. */
 	CHECK_EQ(munmap(p, len), 0);
-	await_mapped(0);
-	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+	await_released(sd, 0, 0);
 	CHECK_EQ(simdev_stats_read(sd, &sst), 0);
 	CHECK_EQ(sst.violations, 0);
 	CHECK_EQ(simdev_destroy(sd), 0);
