@@ -43,8 +43,11 @@
  *
  * One address space per input (hmm_init() ... hmm_fini()): inputs are then
  * independent, a crash replays from its input alone, and the configuration
- * (fault mode included) can change per input. Set-up and tear-down cost
- * about a tenth of a typical input's time (see tests/fuzz/README.md).
+ * (fault mode included) can change per input. Measured under ASan on the
+ * 2-vCPU VM: an empty input (set-up and tear-down with two simdevs) takes
+ * about 5 ms, an average fuzzing input about 15 ms (69 inputs/s). A process-
+ * wide address space would save at most that third, and its reset between
+ * inputs would itself have to unmap everything and empty the devices.
  *
  * Built twice: with clang and -fsanitize=fuzzer,address,undefined by
  * `make check-fuzz`, and with the normal build's compiler into fuzz_replay
