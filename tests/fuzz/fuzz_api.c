@@ -20,7 +20,9 @@
  *   byte 1   more: bit 0 two chunks of device memory per simdev (else one,
  *            2 MiB, so eviction is common); bit 1 the end unmaps everything
  *            before hmm_fini(); bit 2 the simdevs are destroyed after
- *            hmm_fini() instead of before; bit 3 hmm_init() twice (-EEXIST)
+ *            hmm_fini() instead of before; bit 3 hmm_init() twice (-EEXIST);
+ *            bit 4 the last simdev is memoryless (SIMDEV_MEMORYLESS: it
+ *            maps host frames in place, hmm_migrate() to it is -EOPNOTSUPP)
  *   then     operations, one selector byte each (enum op) and its arguments,
  *            at most MAX_OPS of them.
  *
@@ -351,11 +353,13 @@ static void model_clear(void)
 
 static struct hmm *hmm;
 static struct simdev *sd[2];
-static struct simdev_options sd_opts;
+static struct simdev_options sd_opts[2];
 static unsigned int ndev;
+/* Its mirror unregistered (op_dev_cycle): migrations to it are -EINVAL, accesses -ENODEV. */
+static bool unmirrored[2];
 static struct hmm_stats last_stats;
 
-/* Never registered: migrating to it is -EINVAL. */
+/* Never registered, mirrors nothing: migrating to it is -EINVAL. */
 static struct hmm_device stranger = { .name = "stranger" };
 
 /* A page of ordinary memory: not libhmm's. */
@@ -364,7 +368,8 @@ static uint8_t *foreign;
 /*
  * Asynchronous migrations in flight, each with the errors its fence may
  * report besides 0: things done while it was queued (an munmap of its pages,
- * a device going away, an injected failure) may legitimately fail it.
+ * its destination's mirror released, an injected failure) may legitimately
+ * fail it.
  */
 #define MAY_EFAULT	1u
 #define MAY_ENODEV	2u
@@ -374,6 +379,7 @@ static uint8_t *foreign;
 struct pending {
 	struct hmm_fence *fence;
 	unsigned int may;
+	int to;				/* the destination simdev's index; -1 the host */
 };
 
 static struct pending fences[MAX_FENCES];
@@ -393,6 +399,18 @@ static void taint_fences(unsigned int may)
 {
 	for (unsigned int i = 0; i < nfences; i++)
 		fences[i].may |= may;
+}
+
+/*
+ * Simdev @d's mirror is released: a move to it that has not run yet fails
+ * with -ENODEV (include/hmm.h, hmm_migrate()); one that ran is undone by the
+ * release, its data intact. A move elsewhere is not concerned.
+ */
+static void taint_fences_to(unsigned int d)
+{
+	for (unsigned int i = 0; i < nfences; i++)
+		if (fences[i].to == (int)d)
+			fences[i].may |= MAY_ENODEV;
 }
 
 static void fence_finish(unsigned int i, bool wait)
@@ -693,25 +711,29 @@ static void op_migrate(struct input *in)
 	size_t length = range_len(in, start);
 	uint8_t k = u8(in);
 	unsigned int flags = k >= 0xf8 ? 1u << (k & 7) : 0;
-	struct hmm_device *to = NULL;
+	struct hmm_device *to;
 	struct hmm_fence *fence = NULL;
 	bool async = k & 4;
-	int want, ret;
+	int want, ret, d = -1;
 
 	switch (k % 4) {
 	case 1:
-		to = device(0);
+		d = 0;
 		break;
 	case 2:
-		to = device(1);
+		d = 1 % ndev;
 		break;
 	case 3:
-		to = k & 8 ? &stranger : device(0);
+		if (!(k & 8))
+			d = 0;
 		break;
 	}
+	to = d >= 0 ? device(d) : k % 4 == 3 ? &stranger : NULL;
 	if (!length || (start | length) & ~PAGE_MASK || !range_valid(start, start + length) ||
-	    flags || to == &stranger)
+	    flags || to == &stranger || (d >= 0 && unmirrored[d]))
 		want = -EINVAL;
+	else if (d >= 0 && (sd_opts[d].flags & SIMDEV_MEMORYLESS))
+		want = -EOPNOTSUPP;	/* before the range is looked at */
 	else
 		want = covered(start, start + length) ? 0 : -EFAULT;
 	if (async && nfences == MAX_FENCES)
@@ -733,7 +755,7 @@ static void op_migrate(struct input *in)
 	}
 	if (!fence)
 		fail("hmm_migrate: 0 without a fence");
-	fences[nfences++] = (struct pending){ fence, injected };
+	fences[nfences++] = (struct pending){ fence, injected, d };
 }
 
 /* ---- device kernels --------------------------------------------------------------- */
@@ -790,9 +812,12 @@ static void kernel(struct simdev_thread *t, unsigned int index, unsigned int cou
 /*
  * What access @a gets: 0, or the error and in *@done the bytes before the
  * page that failed (a byte access goes page by page; not in the header,
- * which says a failed access "does nothing").
+ * which says a failed access "does nothing"). A device whose mirror is
+ * unregistered (@nomirror) fails its first page: hmm_mirror_fault() says
+ * -EINVAL for a range past the address space before it looks at the mirror,
+ * then -ENODEV.
  */
-static int access_want(const struct access *a, size_t *done)
+static int access_want(const struct access *a, bool nomirror, size_t *done)
 {
 	int prot = a->type == DEV_READ || a->type == DEV_LOAD64 ? PROT_READ :
 								   PROT_READ | PROT_WRITE;
@@ -805,7 +830,7 @@ static int access_want(const struct access *a, size_t *done)
 	if (!a->len)
 		return 0;
 	for (uintptr_t p = a->addr & PAGE_MASK; p < a->addr + a->len; p += PAGE) {
-		int err = device_page_status(p, prot);
+		int err = !nomirror ? device_page_status(p, prot) : p >= VA_END ? -EINVAL : -ENODEV;
 
 		if (err)
 			return err;
@@ -837,7 +862,7 @@ static void apply_write(const struct access *a, size_t len)
 static void op_kernel(struct input *in)
 {
 	static struct kernel_arg ka;
-	unsigned int d = u8(in) % 2;
+	unsigned int d = u8(in) % 2 % ndev;
 	int want = 0, ret;
 
 	ka.n = 1 + u8(in) % MAX_ACCESSES;
@@ -866,8 +891,8 @@ static void op_kernel(struct input *in)
 		a->failed = false;
 	}
 
-	ret = simdev_run(sd[d % ndev], kernel, &ka);
-	say("simdev_run(%u, %u accesses) = %d", d % ndev, ka.n, ret);
+	ret = simdev_run(sd[d], kernel, &ka);
+	say("simdev_run(%u, %u accesses) = %d", d, ka.n, ret);
 
 	for (unsigned int i = 0; i < ka.n; i++) {
 		struct access *a = &ka.acc[i];
@@ -879,7 +904,7 @@ static void op_kernel(struct input *in)
 				fail("access %u ran after access failed with %d", i, want);
 			continue;
 		}
-		err = access_want(a, &done);
+		err = access_want(a, unmirrored[d], &done);
 		say("  access %u: type %d at %#lx +%zu: %s, model %d", i, a->type,
 		    (unsigned long)a->addr, a->len, a->failed ? "failed" : "ok", err);
 		if (a->failed && ret != err && ret && allowed(ret, injected)) {
@@ -932,17 +957,24 @@ static void check_stats(void)
 #undef MONOTONIC
 	last_stats = st;
 	for (unsigned int i = 0; i < ndev; i++) {
+		struct hmm_mirror_stats ms;
 		struct simdev_stats ss;
 
 		expect_ret(simdev_stats_read(sd[i], &ss), 0, "simdev_stats_read");
 		if (ss.violations)
 			fail("simdev %u: %lu violations", i, (unsigned long)ss.violations);
-		if (ss.chunks_used * CHUNK > sd_opts.mem_bytes)
+		if (ss.chunks_used * CHUNK > sd_opts[i].mem_bytes)
 			fail("simdev %u: %lu chunks used", i, (unsigned long)ss.chunks_used);
 		used = hmm_device_mem_used(device(i));
-		if (used > sd_opts.mem_bytes || used % PAGE)
+		if (used > sd_opts[i].mem_bytes || used % PAGE || (unmirrored[i] && used))
 			fail("simdev %u: hmm_device_mem_used %zu", i, used);
-		pages += sd_opts.mem_bytes / PAGE;
+		pages += sd_opts[i].mem_bytes / PAGE;
+		ret = hmm_mirror_stats_read(simdev_mirror(sd[i]), &ms);
+		expect_ret(ret, unmirrored[i] ? -ENODEV : 0, "hmm_mirror_stats_read");
+		if (!ret && (ms.fault_rounds < ms.faults || ms.faults > st.device_faults))
+			fail("simdev %u: mirror %lu faults in %lu rounds, hmm %lu device faults", i,
+			     (unsigned long)ms.faults, (unsigned long)ms.fault_rounds,
+			     (unsigned long)st.device_faults);
 	}
 	/* Pages, not bytes (the header's "device memory holding pages" says neither). */
 	if (st.device_pages_used > pages)
@@ -992,17 +1024,42 @@ static void op_fence(struct input *in)
 
 static void sd_create(unsigned int i)
 {
-	expect_ret(simdev_create(hmm, &sd_opts, &sd[i]), 0, "simdev_create");
+	expect_ret(simdev_create(hmm, &sd_opts[i], &sd[i]), 0, "simdev_create");
+	unmirrored[i] = false;
 }
 
-/* A device goes (every page comes home) and a new one takes its place. */
+/*
+ * A device goes (every page comes home) and a new one takes its place,
+ * likely with the same mirror id; or, with bit 7 of the argument, only its
+ * mirror goes, or comes back: hmm_mirror_unregister() (every page comes
+ * home; the device stays registered) and hmm_mirror_register() of the same
+ * struct hmm_mirror (simdev_mirror()).
+ */
 static void op_dev_cycle(struct input *in)
 {
-	unsigned int d = u8(in) % ndev;
+	uint8_t k = u8(in);
+	unsigned int d = k % 2 % ndev;
+	struct hmm_mirror *m = simdev_mirror(sd[d]);
 
+	if (k & 0x80) {
+		if (unmirrored[d]) {
+			expect_ret(hmm_mirror_register(NULL, m), -EINVAL, "hmm_mirror_register(NULL)");
+			expect_ret(hmm_mirror_register(hmm, m), 0, "hmm_mirror_register");
+			expect_ret(hmm_mirror_register(hmm, m), -EBUSY, "hmm_mirror_register, twice");
+			unmirrored[d] = false;
+			say("simdev %u mirror registered again", d);
+		} else {
+			expect_ret(hmm_mirror_unregister(m), 0, "hmm_mirror_unregister");
+			expect_ret(hmm_mirror_unregister(m), -ENOENT, "hmm_mirror_unregister, twice");
+			unmirrored[d] = true;
+			taint_fences_to(d);
+			say("simdev %u mirror unregistered", d);
+		}
+		return;
+	}
 	expect_ret(simdev_destroy(sd[d]), 0, "simdev_destroy");
 	sd[d] = NULL;
-	taint_fences(MAY_ENODEV);
+	taint_fences_to(d);
 	sd_create(d);
 	say("simdev %u replaced", d);
 }
@@ -1084,18 +1141,23 @@ static void setup(uint8_t c0, uint8_t c1)
 	expect_ret(ret, 0, "hmm_init");
 	if (c1 & 8)
 		expect_ret(hmm_init(NULL, &again), -EEXIST, "hmm_init, twice");
-	sd_opts = (struct simdev_options){
-		.sz = sizeof(sd_opts),
-		.mem_bytes = (c1 & 1 ? 2 : 1) * CHUNK,
-		.threads = 1,
-		.dma_latency_ns = c0 & 128 ? 1 : 0,
-		.fault_bytes = fault_bytes[c0 >> 5 & 3],
-	};
 	ndev = c0 & 2 ? 2 : 1;
-	for (unsigned int i = 0; i < ndev; i++)
+	for (unsigned int i = 0; i < ndev; i++) {
+		bool memoryless = (c1 & 16) && i == ndev - 1;
+
+		sd_opts[i] = (struct simdev_options){
+			.sz = sizeof(sd_opts[i]),
+			.mem_bytes = memoryless ? 0 : (c1 & 1 ? 2 : 1) * CHUNK,
+			.threads = 1,
+			.dma_latency_ns = c0 & 128 ? 1 : 0,
+			.fault_bytes = fault_bytes[c0 >> 5 & 3],
+			.flags = memoryless ? SIMDEV_MEMORYLESS : 0,
+		};
 		sd_create(i);
+	}
 	memset(&last_stats, 0, sizeof(last_stats));
-	say("%s mode, %u simdevs", c0 & 1 ? "signal" : "thread", ndev);
+	say("%s mode, %u simdevs%s", c0 & 1 ? "signal" : "thread", ndev,
+	    c1 & 16 ? ", the last memoryless" : "");
 }
 
 /*

@@ -13,7 +13,7 @@ READ, WRITE, LOAD64, STORE64, FETCH_ADD64 = range(5)
 # Configuration bytes (fuzz_api.c, top comment).
 SIGNAL, TWO_DEVS, AROUND_4K, AROUND_64K, AROUND_2M, DEV_AROUND_4K = 1, 2, 0, 4, 12, 16
 FAULT_4K, FAULT_16K, FAULT_64K, FAULT_2M, DMA_ENGINE = 0, 32, 64, 96, 128
-TWO_CHUNKS, UNMAP_AT_END, DESTROY_AFTER_FINI, INIT_TWICE = 1, 2, 4, 8
+TWO_CHUNKS, UNMAP_AT_END, DESTROY_AFTER_FINI, INIT_TWICE, LAST_MEMORYLESS = 1, 2, 4, 8, 16
 
 
 def piece(i):
@@ -89,6 +89,11 @@ def kernel(dev, *accesses):
     return out
 
 
+def mirror_cycle(dev):
+    """DEV_CYCLE with bit 7: unregister the simdev's mirror, or register it again."""
+    return [DEV_CYCLE, 0x80 | dev]
+
+
 def inject(dev, what, then):
     """what: 0 alloc, 1 copy, 2 fence -EAGAIN, 3 fence -EIO; then: a migrate or kernel op."""
     k = dev | what << 1 | (0x80 if then[0] == KERNEL else 0)
@@ -153,6 +158,25 @@ SEEDS = {
     + cpu_write(byte(piece(0), 0, 0), 64, 8) + migrate(at(piece(0)), to_end(), 1)
     + [DEV_CYCLE, 1] + cpu_read(byte(piece(0), 0, 0), 64)
     + migrate(at(piece(0)), to_end(), 1) + [DEV_CYCLE, 0, STATS],
+
+    # Device 1 has no memory: it reads and writes the host frames in place,
+    # also those of pages device 0 holds; moves to it are -EOPNOTSUPP.
+    'memoryless': [TWO_DEVS | FAULT_16K, LAST_MEMORYLESS] + mmap(RW, 16)
+    + cpu_write(byte(piece(0), 2, 10), 64, 9)
+    + migrate(at(piece(0)), to_end(), 0) + migrate(at(piece(0)), pages(4), 1)
+    + kernel(1, access(READ, byte(piece(0), 2, 0), 100), access(WRITE, byte(piece(0), 3, 4090), 12, 4),
+             access(FETCH_ADD64, byte(piece(0), 2, 16), value=3))
+    + kernel(0, access(READ, byte(piece(0), 3, 4088), 16))
+    + cpu_read(byte(piece(0), 2, 0), 64) + [STATS, VERIFY, 0],
+
+    # A mirror unregistered with pages on its device and a move queued to
+    # it, then registered again; accesses in between fail.
+    'mirror-cycle': [SIGNAL | TWO_DEVS | DMA_ENGINE, UNMAP_AT_END] + mmap(RW, 8)
+    + cpu_write(byte(piece(0), 0, 0), 64, 10) + migrate(at(piece(0)), pages(4), 1)
+    + migrate(at(piece(0), 4), pages(4), 1, True) + mirror_cycle(1)
+    + kernel(1, access(LOAD64, byte(piece(0), 0, 0))) + migrate(at(piece(0)), pages(1), 1)
+    + [STATS] + mirror_cycle(1) + kernel(1, access(READ, byte(piece(0), 0, 0), 64))
+    + migrate(at(piece(0)), to_end(), 1) + [FENCE, 0, STATS, VERIFY, 0],
 }
 
 if __name__ == '__main__':
