@@ -3,6 +3,7 @@
 #   make check       build and run every test (plain build)
 #   make check-asan  the same tests under ASan+UBSan
 #   make check-tsan  the same tests under TSan
+#   make check-fuzz  build the libFuzzer harness (clang) and fuzz for FUZZ_SECONDS
 #   make bench       build and run every benchmark, printing their BENCH lines
 #   make torture     the long torture run, both fault modes (OPS=, SEED=, TORTURE_FLAGS=)
 #   make install     install the library and headers (PREFIX=/usr/local)
@@ -10,11 +11,13 @@
 JOBS   ?= $(shell nproc)
 PREFIX ?= /usr/local
 CMAKE_FLAGS ?=
+FUZZ_SECONDS ?= 60
 
 BUILD      = build
 BUILD_ASAN = build-asan
 BUILD_TSAN = build-tsan
 BUILD_BENCH = build-bench
+BUILD_FUZZ = build-fuzz
 
 # make torture: operations per fault mode, and the seed (default: a new one
 # each run, printed first so a failure replays with SEED=).
@@ -22,7 +25,7 @@ OPS  ?= 1000000
 SEED ?= $(shell date +%s)
 TORTURE_FLAGS ?=
 
-.PHONY: all deps demo check check-asan check-tsan check-all bench torture install clean
+.PHONY: all deps demo check check-asan check-tsan check-fuzz check-all bench torture install clean
 
 all: deps
 	cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
@@ -49,7 +52,19 @@ check-asan: deps
 check-tsan: deps
 	$(call run_tests,$(BUILD_TSAN),-DHMM_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug,-L tsan)
 
-check-all: check check-asan check-tsan
+# tests/fuzz/fuzz_api for FUZZ_SECONDS (0: until stopped), starting from the
+# seeds and every regression input; new inputs go to $(BUILD_FUZZ)/corpus, a
+# crashing one to $(BUILD_FUZZ)/artifacts/, and any crash, leak or timeout
+# fails the target.
+check-fuzz: deps
+	cmake -S . -B $(BUILD_FUZZ) -DCMAKE_C_COMPILER=clang -DHMM_FUZZ=ON $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_api
+	mkdir -p $(BUILD_FUZZ)/corpus $(BUILD_FUZZ)/artifacts
+	./$(BUILD_FUZZ)/tests/fuzz/fuzz_api -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
+		-print_final_stats=1 -artifact_prefix=$(BUILD_FUZZ)/artifacts/ \
+		$(BUILD_FUZZ)/corpus tests/fuzz/corpus tests/fuzz/regressions
+
+check-all: check check-asan check-tsan check-fuzz
 
 bench: deps
 	cmake -S . -B $(BUILD_BENCH) -DCMAKE_BUILD_TYPE=Release -DHMM_DEBUG_CHECKS=OFF $(CMAKE_FLAGS) >/dev/null
@@ -64,4 +79,4 @@ install: all
 	cmake --install $(BUILD) --prefix $(PREFIX)
 
 clean:
-	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_BENCH)
+	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_BENCH) $(BUILD_FUZZ)

@@ -10,6 +10,8 @@ packages=(
 	libasan8          # AddressSanitizer runtime (gcc 12)
 	libubsan1         # UndefinedBehaviorSanitizer runtime
 	libtsan2          # ThreadSanitizer runtime
+	clang             # make check-fuzz: the harness is built with clang ...
+	libclang-rt-14-dev # ... whose libFuzzer runtime (libclang_rt.fuzzer) is here
 )
 
 missing=()
