@@ -10,6 +10,7 @@ packages=(
 	libasan8          # AddressSanitizer runtime (gcc 12)
 	libubsan1         # UndefinedBehaviorSanitizer runtime
 	libtsan2          # ThreadSanitizer runtime
+	spin              # model checker: make check-model (src/mirror.pml)
 )
 
 missing=()
