@@ -4,6 +4,7 @@
 #   make check-asan  the same tests under ASan+UBSan
 #   make check-tsan  the same tests under TSan
 #   make check-fuzz  build the libFuzzer harness (clang) and fuzz for FUZZ_SECONDS
+#   make check-model spin's check of the fault/invalidation protocol (src/mirror.pml)
 #   make bench       build and run every benchmark, printing their BENCH lines
 #   make torture     the long torture run, both fault modes (OPS=, SEED=, TORTURE_FLAGS=)
 #   make install     install the library and headers (PREFIX=/usr/local)
@@ -25,7 +26,8 @@ OPS  ?= 1000000
 SEED ?= $(shell date +%s)
 TORTURE_FLAGS ?=
 
-.PHONY: all deps demo check check-asan check-tsan check-fuzz check-all bench torture install clean
+.PHONY: all deps demo check check-asan check-tsan check-fuzz check-model check-all bench torture \
+	install clean
 
 all: deps
 	cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
@@ -66,6 +68,9 @@ check-fuzz: deps
 
 check-all: check check-asan check-tsan check-fuzz
 
+check-model: deps
+	./scripts/check-model.sh build-model
+
 bench: deps
 	cmake -S . -B $(BUILD_BENCH) -DCMAKE_BUILD_TYPE=Release -DHMM_DEBUG_CHECKS=OFF $(CMAKE_FLAGS) >/dev/null
 	cmake --build $(BUILD_BENCH) -j $(JOBS)
@@ -79,4 +84,4 @@ install: all
 	cmake --install $(BUILD) --prefix $(PREFIX)
 
 clean:
-	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_BENCH) $(BUILD_FUZZ)
+	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_BENCH) $(BUILD_FUZZ) build-model

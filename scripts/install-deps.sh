@@ -12,6 +12,7 @@ packages=(
 	libtsan2          # ThreadSanitizer runtime
 	clang             # make check-fuzz: the harness is built with clang ...
 	libclang-rt-14-dev # ... whose libFuzzer runtime (libclang_rt.fuzzer) is here
+	spin              # model checker: make check-model (src/mirror.pml)
 )
 
 missing=()

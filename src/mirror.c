@@ -56,6 +56,9 @@
  * was read after I ended. The cost: a fault overlapping an invalidation is
  * one more round (hmm_mirror_stats.fault_rounds).
  *
+ * mirror.pml models this protocol (and release, below) for spin: `make
+ * check-model`, docs/model.md.
+ *
  * Entries are cleared only after the fences (I3), so an invalidation that
  * overlaps another one's range finds the entries still there and waits for
  * its own fence, never for less than the device needs.
