@@ -328,7 +328,7 @@ void hmm_mirror_release_all(struct hmm *hmm)
 
 int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *st)
 {
-	struct hmm_mirror_core *mc;
+	struct hmm_mirror_core *mc = NULL;
 
 	if (!mirror || !st)
 		return -EINVAL;
