@@ -736,6 +736,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 	}
 	hmm_count(&hmm->stat.device_faults, 1);
 	hmm_count(&mc->stat.faults, 1);
+	hmm_count(&mc->stat.fault_rounds, 1);
 
 	for (uintptr_t a = start; a < end && !ret;) {
 		uintptr_t batch_end = (a & ~(batch - 1)) + batch;
@@ -744,7 +745,6 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		struct hmm_busy b;
 		hmm_dpte_t perm;
 
-		hmm_count(&mc->stat.fault_rounds, 1);
 		if (batch_end > end)
 			batch_end = end;
 		wait_invals(hmm, a, batch_end);				/* F1 */
@@ -780,6 +780,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		if (!hmm_span_valid(hmm, &s)) {
 			hmm_busy_unlock(hmm, &b);	/* changed under us: look again */
 			hmm_span_put(&s);
+			hmm_count(&mc->stat.fault_rounds, 1);
 			continue;
 		}
 		ret = placed_entries(hmm, mc, &s, &b, perm, fb);	/* F3 */
@@ -800,6 +801,7 @@ commit:
 		hmm_span_put(&s);
 		if (ret == -EAGAIN) {
 			ret = 0;
+			hmm_count(&mc->stat.fault_rounds, 1);
 			continue;	/* an invalidation overlapped: a new round */
 		}
 		if (!ret)

@@ -329,8 +329,9 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
  *
  * A fault that overlaps an invalidation (munmap, migration, protection
  * change...) never programs an entry the invalidation took away: it backs
- * off and starts again (collision-retry, src/mirror.c). Each start is a
- * round, counted in hmm_mirror_stats.fault_rounds.
+ * off and starts again (collision-retry, src/mirror.c). The first try and
+ * each start again is a round, counted in hmm_mirror_stats.fault_rounds; a
+ * range covering several regions or batches is still one round.
  *
  * @flags: HMM_FAULT_WRITE if the access writes.
  * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
