@@ -645,23 +645,21 @@ struct fault_batch {
 	hmm_dpte_t entry[HMM_BATCH_PAGES];
 };
 
+struct commit {
+	const struct fault_batch *fb;
+	long added;				/* pages that had no entry */
+};
+
 static hmm_pte_t commit_fn(void *arg, uintptr_t addr, hmm_pte_t old)
 {
-	const struct fault_batch *fb = arg;
-	hmm_dpte_t e = fb->entry[(addr - fb->start) >> HMM_PAGE_SHIFT];
+	struct commit *c = arg;
+	hmm_dpte_t e = c->fb->entry[(addr - c->fb->start) >> HMM_PAGE_SHIFT];
 
 	/* The same page again keeps what the device reported about it. */
 	if (old && hmm_dpte_addr(old) == hmm_dpte_addr(e))
 		e |= old & HMM_DPTE_DIRTY;
+	c->added += !old;
 	return e;
-}
-
-static int count_new_fn(void *arg, uintptr_t addr, hmm_dpte_t entry)
-{
-	(void)addr;
-	(void)entry;
-	(*(long *)arg)++;
-	return 0;
 }
 
 /*
@@ -675,7 +673,7 @@ static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
 	struct hmm_event ev = { .type = HMM_EVENT_MAP, .start = fb->start, .end = end,
 				.owner = mc->dev, .entry = fb->entry };
 	struct hmm_fence *fence = NULL;
-	long before = 0, after = 0;
+	struct commit c = { .fb = fb };
 	int ret;
 
 	hmm_spin_lock(&mc->pt_lock);
@@ -687,11 +685,9 @@ static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
 		hmm_spin_unlock(&mc->pt_lock);
 		return -EAGAIN;
 	}
-	hmm_mirror_walk(mc->mirror, fb->start, end, count_new_fn, &before);
-	ret = hmm_pt_update(&mc->pt, fb->start, end, 0, commit_fn, fb);
+	ret = hmm_pt_update(&mc->pt, fb->start, end, 0, commit_fn, &c);
 	if (!ret) {
-		after = (long)fb->n;
-		atomic_fetch_add(&mc->entries, after - before);
+		atomic_fetch_add(&mc->entries, c.added);
 		ret = mc->dev->ops->update(mc->mirror, &ev, &fence);
 		hmm_count(&mc->stat.pages_mapped, fb->n);
 	}
@@ -820,6 +816,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 	}
 	hmm_count(&hmm->stat.device_faults, 1);
 	hmm_count(&mc->stat.faults, 1);
+	hmm_count(&mc->stat.fault_rounds, 1);
 
 	for (uintptr_t a = start; a < end && !ret;) {
 		uintptr_t batch_end = (a & ~(batch - 1)) + batch;
@@ -828,7 +825,6 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		struct hmm_busy b;
 		hmm_dpte_t perm;
 
-		hmm_count(&mc->stat.fault_rounds, 1);
 		if (batch_end > end)
 			batch_end = end;
 		hmm_reclaim_due(hmm);		/* holding nothing: a safe point */
@@ -852,6 +848,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			if (!hmm_span_valid(hmm, &s)) {
 				fault_unregister(hmm, &f);
 				hmm_span_put(&s);
+				hmm_count(&mc->stat.fault_rounds, 1);
 				continue;
 			}
 			ret = access_perm(&s, write, &perm);
@@ -880,6 +877,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		if (!hmm_span_valid(hmm, &s)) {
 			hmm_busy_unlock(hmm, &b);	/* changed under us: look again */
 			hmm_span_put(&s);
+			hmm_count(&mc->stat.fault_rounds, 1);
 			continue;
 		}
 		/* The protection as of now: no mprotect can publish while we hold the pages. */
@@ -907,6 +905,7 @@ commit:
 		hmm_span_put(&s);
 		if (ret == -EAGAIN) {
 			ret = 0;
+			hmm_count(&mc->stat.fault_rounds, 1);
 			continue;	/* an invalidation overlapped: a new round */
 		}
 		if (!ret)

@@ -110,8 +110,10 @@ enum hmm_event_type {
 	HMM_EVENT_DISCARD,	/* the contents are thrown away (MADV_DONTNEED-like) */
 	HMM_EVENT_RELEASE,	/* the mirror is going: drop everything */
 	/*
-	 * Not a drop: report the pages of [start, end) the device wrote since
-	 * it last reported them (hmm_mirror_set_dirty()), then forget them.
+	 * Not a drop (hmm_dirty()): report the pages of [start, end) the
+	 * device wrote while it held their entries (hmm_mirror_set_dirty()).
+	 * Reporting a page again is harmless: the core's bit only ever gets
+	 * set, until the page is discarded or unmapped.
 	 */
 	HMM_EVENT_ISDIRTY,
 };
@@ -329,8 +331,9 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
  *
  * A fault that overlaps an invalidation (munmap, migration, protection
  * change...) never programs an entry the invalidation took away: it backs
- * off and starts again (collision-retry, src/mirror.c). Each start is a
- * round, counted in hmm_mirror_stats.fault_rounds.
+ * off and starts again (collision-retry, src/mirror.c). The first try and
+ * each start again is a round, counted in hmm_mirror_stats.fault_rounds; a
+ * range covering several regions or batches is still one round.
  *
  * @flags: HMM_FAULT_WRITE if the access writes.
  * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
