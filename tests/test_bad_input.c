@@ -1,0 +1,1346 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Bad input: one table, every public function of hmm.h, hmm/device.h and
+ * hmm/simdev.h called with every class of invalid argument, each row
+ * asserting the -errno its header documents. Nothing may crash.
+ *
+ * A row is {function, argument class, call, expected}. Most rows go through
+ * one invoker per function with symbolic arguments whose zero value is the
+ * valid one, so a row differs from a valid call in exactly the argument its
+ * class names; "valid (control)" rows make that valid call and expect 0, so
+ * the errno of every other row is the bad argument's doing. Invokers also
+ * check what a failure must leave alone: out-parameters untouched, no region
+ * unmapped or changed, no page moved.
+ *
+ * Functions that return no errno: hmm_fence_get/put (void: the row checks
+ * that the call returns), hmm_device_mem_used (0), simdev_device (NULL), and
+ * the kernel accessors, whose error channel is the thread's failed state and
+ * simdev_run(): their rows run a one-access kernel and expect simdev_run()'s
+ * result, checking the accessor's own answer against it. Not covered: a
+ * NULL @t for the accessors. They have no way to report it (no thread to
+ * mark failed, no simdev_run() to return an error), so the only "handling"
+ * would be silence, and @t is never the caller's to make: it is the kernel's
+ * own argument.
+ *
+ * Use after hmm_fini. Dereferencing a finalised address space is undefined
+ * behaviour, so what is tested is everything that outlives it legitimately:
+ *   - the hmm pointer's value: hmm_is_live() compares it with the live one
+ *     and never dereferences it. It is kept as an integer taken before
+ *     hmm_fini() (so no indeterminate pointer is read), and these rows run
+ *     while no address space is live: a new one could be allocated at the
+ *     same address, and then no library could tell them apart;
+ *   - devices: hmm_fini() releases them (dev->hmm = NULL) but they are the
+ *     backend's objects and stay valid: unregister, device fault, mem_used,
+ *     and migrating to one from a new address space;
+ *   - fences: the caller's reference keeps a fence alive; a fence of a move
+ *     queued before hmm_fini() reports that move's result afterwards;
+ *   - simdev: simdev_destroy() after hmm_fini() only frees it; until then its
+ *     knobs work and a kernel's accesses fail with the core's -EINVAL.
+ * Options to hmm_init() are also checked then, with no address space live,
+ * so -EINVAL cannot be mistaken for -EEXIST.
+ *
+ * Everything runs in both CPU fault modes; the row count is printed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <hmm.h>
+#include <hmm/device.h>
+#include <hmm/simdev.h>
+
+#include "check.h"
+#include "fake_device.h"
+
+#define PAGE 4096ul
+#define CHUNK ((size_t)HMM_DEVICE_CHUNK_SIZE)
+#define SENTINEL ((void *)0x5e47)	/* an out-parameter a failure must not touch */
+
+/* ---- a device that holds nothing ----------------------------------------- */
+
+static int stub_update(struct hmm_device *dev, const struct hmm_event *ev, struct hmm_fence **f)
+{
+	*f = NULL;
+	(void)dev;
+	(void)ev;
+	return 0;
+}
+
+static int stub_mem_alloc(struct hmm_device *dev, uint64_t *chunk)
+{
+	(void)dev;
+	(void)chunk;
+	return -ENOMEM;
+}
+
+static void stub_mem_free(struct hmm_device *dev, uint64_t chunk)
+{
+	(void)dev;
+	(void)chunk;
+	CHECK(0);			/* it never handed out a chunk */
+}
+
+static int stub_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hmm_fence **f)
+{
+	*f = NULL;
+	(void)dev;
+	(void)c;
+	return -EIO;
+}
+
+static const struct hmm_device_ops stub_ops = {
+	.update = stub_update,
+	.mem_alloc = stub_mem_alloc,
+	.mem_free = stub_mem_free,
+	.copy = stub_copy,
+};
+
+static struct hmm_device stub_new(const struct hmm_device_ops *ops)
+{
+	return (struct hmm_device){ .ops = ops, .name = "stub" };
+}
+
+/* ---- the fixture ---------------------------------------------------------------- */
+
+struct ctx {
+	struct hmm *hmm;
+	uintptr_t stale;		/* the finalised address space, as an integer */
+	enum hmm_fault_mode mode;
+	char *rw;			/* 2 pages, read-write, the next page unmapped */
+	char *ro, *none;		/* 1 page each, PROT_READ and PROT_NONE */
+	char *gone;			/* the page after rw: was libhmm's, unmapped */
+	char *foreign;			/* 2 pages of ordinary anonymous memory */
+	struct fake_device *fake;	/* registered, 1 chunk */
+	struct hmm_device never;	/* never registered */
+	struct simdev *sd;		/* registered, 1 thread */
+	struct hmm_fence *late_ok, *late_eio;	/* moves queued just before hmm_fini */
+};
+
+/* Symbolic arguments; the zero value of each is a valid one. */
+enum h_arg { H_LIVE, H_NULL, H_FOREIGN, H_STALE };
+enum a_arg { A_RW, A_RW_PLUS1, A_RW_PLUS4, A_NULL, A_FOREIGN, A_RO, A_NONE, A_GONE, A_WRAP };
+enum l_arg { L_PAGE, L_ZERO, L_PAGE_PLUS1, L_OFF_END, L_WRAP, L_MAX, L_HUGE, L_REVERSED,
+	     L_END_MAX, L_BEYOND_VA, L_WORD, L_WORDS };
+enum d_arg { D_FAKE, D_NULL, D_NEVER, D_PARTIAL, D_SIM };
+enum p_arg { P_RW, P_WRITE_ONLY, P_EXEC, P_MINUS1, P_READ };
+enum op_arg { OP_READ, OP_WRITE, OP_LOAD, OP_STORE, OP_ADD, OP_CAS };
+/* One bad option of hmm_init() or simdev_create(). */
+enum o_arg { O_NONE, O_SIZE0, O_NEWER_TAIL, O_MODE, O_FA_NPOT, O_FA_SMALL, O_FA_BIG,
+	     O_DFA_NPOT, O_DFA_BIG, O_MEM_SMALL, O_THREADS, O_FB_NPOT, O_FB_BIG };
+
+struct args {
+	enum h_arg h;
+	enum a_arg addr;
+	enum l_arg len;
+	enum d_arg dev;
+	enum p_arg prot;
+	unsigned int flags;
+	bool fence;		/* asynchronous hmm_migrate() */
+	bool null_out;		/* NULL out-parameter / NULL buffer */
+	enum op_arg op;		/* kernel accessors */
+	enum o_arg opt;		/* hmm_init(), simdev_create() */
+};
+
+enum phase { LIVE, AFTER_FINI };
+
+struct row {
+	const char *fn, *cls;
+	long (*call)(struct ctx *c, const struct args *a);
+	struct args a;
+	long expect;
+	enum phase phase;
+	const char *bug;	/* a known library bug: the row is reported, not run */
+};
+
+static char foreign_hmm_object[256];	/* storage that is not an address space */
+
+static struct hmm *h_of(struct ctx *c, enum h_arg h)
+{
+	switch (h) {
+	case H_LIVE:
+		return c->hmm;
+	case H_NULL:
+		return NULL;
+	case H_FOREIGN:
+		return (struct hmm *)foreign_hmm_object;
+	case H_STALE:
+		return (struct hmm *)c->stale;
+	}
+	CHECK(0);
+	return NULL;
+}
+
+static uintptr_t addr_of(struct ctx *c, enum a_arg a)
+{
+	switch (a) {
+	case A_RW:
+		return (uintptr_t)c->rw;
+	case A_RW_PLUS1:
+		return (uintptr_t)c->rw + 1;
+	case A_RW_PLUS4:
+		return (uintptr_t)c->rw + 4;
+	case A_NULL:
+		return 0;
+	case A_FOREIGN:
+		return (uintptr_t)c->foreign;
+	case A_RO:
+		return (uintptr_t)c->ro;
+	case A_NONE:
+		return (uintptr_t)c->none;
+	case A_GONE:
+		return (uintptr_t)c->gone;
+	case A_WRAP:
+		return UINTPTR_MAX - 7;
+	}
+	CHECK(0);
+	return 0;
+}
+
+static size_t len_of(enum l_arg l)
+{
+	switch (l) {
+	case L_PAGE:
+		return PAGE;
+	case L_ZERO:
+		return 0;
+	case L_PAGE_PLUS1:
+		return PAGE + 1;
+	case L_OFF_END:
+		return 3 * PAGE;	/* rw's two pages and the gone one */
+	case L_WRAP:
+		return (size_t)-PAGE;
+	case L_MAX:
+		return SIZE_MAX;
+	case L_HUGE:
+		return (size_t)1 << 62;
+	case L_WORD:
+		return 8;
+	case L_WORDS:
+		return 64;
+	case L_REVERSED:
+	case L_END_MAX:
+	case L_BEYOND_VA:
+		break;		/* device fault ends, see do_device_fault() */
+	}
+	CHECK(0);
+	return 0;
+}
+
+static struct hmm_device *dev_of(struct ctx *c, enum d_arg d)
+{
+	static struct hmm_device_ops partial;
+
+	switch (d) {
+	case D_FAKE:
+		return &c->fake->dev;
+	case D_NULL:
+		return NULL;
+	case D_NEVER:
+		return &c->never;
+	case D_PARTIAL:
+		partial = stub_ops;
+		partial.mem_free = NULL;
+		c->never.ops = &partial;	/* restored by the invoker */
+		return &c->never;
+	case D_SIM:
+		return simdev_device(c->sd);
+	}
+	CHECK(0);
+	return NULL;
+}
+
+static int prot_of(enum p_arg p)
+{
+	switch (p) {
+	case P_RW:
+		return PROT_READ | PROT_WRITE;
+	case P_WRITE_ONLY:
+		return PROT_WRITE;
+	case P_EXEC:
+		return PROT_READ | PROT_EXEC;
+	case P_MINUS1:
+		return -1;
+	case P_READ:
+		return PROT_READ;
+	}
+	CHECK(0);
+	return 0;
+}
+
+static struct hmm_stats stats(struct hmm *hmm)
+{
+	struct hmm_stats st;
+
+	CHECK_EQ(hmm_stats_read(hmm, &st), 0);
+	return st;
+}
+
+/* The pattern rw holds; rows that fail must leave it. */
+static uint64_t rw_word(size_t i)
+{
+	return 0x9e3779b97f4a7c15ull * (i + 1);
+}
+
+static void rw_check(struct ctx *c)
+{
+	for (size_t i = 0; i < 2 * PAGE / 8; i++)
+		CHECK_EQ_U64(((uint64_t *)c->rw)[i], rw_word(i));
+}
+
+/* ---- invokers: one per public function --------------------------------------------- */
+
+static long do_mmap(struct ctx *c, const struct args *a)
+{
+	struct hmm *hmm = h_of(c, a->h);
+	size_t len = len_of(a->len);
+	void *p = SENTINEL;
+	int r;
+
+	r = hmm_mmap(hmm, len, prot_of(a->prot), a->flags, a->null_out ? NULL : &p);
+	if (r) {
+		CHECK(p == SENTINEL);
+	} else {
+		CHECK(p != SENTINEL);
+		CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	}
+	return r;
+}
+
+/* munmap and mprotect: a failure leaves every region as it was. */
+static long do_change(struct ctx *c, const struct args *a, bool unmap)
+{
+	struct hmm *hmm = h_of(c, a->h);
+	struct hmm_stats before = { 0 }, after;
+	void *addr = (void *)addr_of(c, a->addr);
+	size_t len = len_of(a->len);
+	int r;
+
+	if (c->hmm)
+		before = stats(c->hmm);
+	r = unmap ? hmm_munmap(hmm, addr, len) : hmm_mprotect(hmm, addr, len, prot_of(a->prot));
+	if (c->hmm && r) {
+		after = stats(c->hmm);
+		CHECK_EQ(after.regions, before.regions);
+		CHECK_EQ(after.mapped_bytes, before.mapped_bytes);
+		rw_check(c);		/* still mapped, still writable-shaped */
+	}
+	return r;
+}
+
+static long do_munmap(struct ctx *c, const struct args *a)
+{
+	return do_change(c, a, true);
+}
+
+static long do_mprotect(struct ctx *c, const struct args *a)
+{
+	return do_change(c, a, false);
+}
+
+static long do_migrate(struct ctx *c, const struct args *a)
+{
+	struct hmm *hmm = h_of(c, a->h);
+	struct hmm_device *to = dev_of(c, a->dev);
+	struct hmm_fence *f = SENTINEL;
+	uint64_t moved = c->hmm ? stats(c->hmm).pages_to_device : 0;
+	void *addr = (void *)addr_of(c, a->addr);
+	size_t len = len_of(a->len);
+	int r;
+
+	r = hmm_migrate(hmm, addr, len, to, a->flags, a->fence ? &f : NULL);
+	c->never.ops = &stub_ops;
+	if (r) {
+		CHECK(f == SENTINEL);
+		if (c->hmm)
+			CHECK_EQ(stats(c->hmm).pages_to_device, moved);
+		return r;
+	}
+	if (a->fence) {
+		r = hmm_fence_wait(f);
+		hmm_fence_put(f);
+	}
+	/* A control row: the page went; bring it home. */
+	CHECK_EQ(hmm_migrate(hmm, addr, len, NULL, 0, NULL), 0);
+	rw_check(c);
+	return r;
+}
+
+static long do_fence_wait(struct ctx *c, const struct args *a)
+{
+	(void)c;
+	(void)a;
+	return hmm_fence_wait(NULL);
+}
+
+static long do_fence_get_put_null(struct ctx *c, const struct args *a)
+{
+	(void)c;
+	(void)a;
+	hmm_fence_get(NULL);
+	hmm_fence_put(NULL);
+	return 0;
+}
+
+static long do_stats_read(struct ctx *c, const struct args *a)
+{
+	struct hmm_stats st;
+
+	return hmm_stats_read(h_of(c, a->h), a->null_out ? NULL : &st);
+}
+
+static long do_fini(struct ctx *c, const struct args *a)
+{
+	return hmm_fini(h_of(c, a->h));
+}
+
+static long do_register(struct ctx *c, const struct args *a)
+{
+	struct hmm_device *dev = dev_of(c, a->dev);
+	int r = hmm_device_register(h_of(c, a->h), a->null_out ? NULL : dev);
+
+	c->never.ops = &stub_ops;
+	if (r && a->dev != D_FAKE && a->dev != D_SIM)
+		CHECK(!c->never.hmm && !c->never.id);
+	if (!r)
+		CHECK_EQ(hmm_device_unregister(dev), 0);
+	return r;
+}
+
+/* Every incomplete ops table: each required op missing in turn. */
+static long do_register_each_missing_op(struct ctx *c, const struct args *a)
+{
+	struct hmm_device_ops ops[4];
+	long r = 0;
+
+	for (int i = 0; i < 4; i++) {
+		struct hmm_device dev;
+
+		ops[i] = stub_ops;
+		if (i == 0)
+			ops[i].update = NULL;
+		else if (i == 1)
+			ops[i].copy = NULL;
+		else if (i == 2)
+			ops[i].mem_alloc = NULL;
+		else
+			ops[i].mem_free = NULL;
+		dev = stub_new(&ops[i]);
+		r = hmm_device_register(h_of(c, a->h), &dev);
+		if (r != -EINVAL)
+			break;
+		CHECK(!dev.hmm);
+	}
+	return r;
+}
+
+static long do_register_no_ops(struct ctx *c, const struct args *a)
+{
+	struct hmm_device dev = stub_new(NULL);
+
+	return hmm_device_register(h_of(c, a->h), &dev);
+}
+
+static struct hmm_device stubs[HMM_MAX_DEVICES];
+
+/* Fills every device id; @then runs with none left, and is what the row returns. */
+static long with_ids_full(struct ctx *c, long (*then)(struct ctx *c))
+{
+	unsigned int n;
+	long r;
+	int err = 0;
+
+	for (n = 0; n < HMM_MAX_DEVICES; n++) {
+		stubs[n] = stub_new(&stub_ops);
+		err = hmm_device_register(c->hmm, &stubs[n]);
+		if (err)
+			break;
+	}
+	CHECK_EQ(err, -ENOSPC);
+	CHECK_EQ(n, HMM_MAX_DEVICES - 2);	/* fake and simdev have the others */
+	r = then(c);
+	for (unsigned int i = 0; i < n; i++)
+		CHECK_EQ(hmm_device_unregister(&stubs[i]), 0);
+	return r;
+}
+
+static long register_one_more(struct ctx *c)
+{
+	struct hmm_device dev = stub_new(&stub_ops);
+	long r = hmm_device_register(c->hmm, &dev);
+
+	CHECK(!dev.hmm);
+	return r;
+}
+
+static long do_register_full(struct ctx *c, const struct args *a)
+{
+	(void)a;
+	return with_ids_full(c, register_one_more);
+}
+
+static long simdev_one_more(struct ctx *c)
+{
+	struct simdev_options o = { .sz = sizeof(o), .mem_bytes = CHUNK, .threads = 1 };
+	struct simdev *sd = SENTINEL;
+	long r = simdev_create(c->hmm, &o, &sd);
+
+	CHECK(sd == SENTINEL);
+	return r;
+}
+
+static long do_simdev_create_full(struct ctx *c, const struct args *a)
+{
+	(void)a;
+	return with_ids_full(c, simdev_one_more);
+}
+
+static long do_unregister(struct ctx *c, const struct args *a)
+{
+	return hmm_device_unregister(dev_of(c, a->dev));
+}
+
+static long do_unregister_twice(struct ctx *c, const struct args *a)
+{
+	struct hmm_device dev = stub_new(&stub_ops);
+
+	(void)a;
+	CHECK_EQ(hmm_device_register(c->hmm, &dev), 0);
+	CHECK_EQ(hmm_device_unregister(&dev), 0);
+	return hmm_device_unregister(&dev);
+}
+
+/*
+ * A simdev's device unregistered behind its back, twice: the second gets
+ * -ENOENT, and simdev_destroy() then only frees the device.
+ */
+static long do_unregister_simdev_twice(struct ctx *c, const struct args *a)
+{
+	struct simdev_options o = { .sz = sizeof(o), .mem_bytes = CHUNK, .threads = 1 };
+	struct simdev *sd;
+	long r;
+
+	(void)a;
+	CHECK_EQ(simdev_create(c->hmm, &o, &sd), 0);
+	CHECK_EQ(hmm_device_unregister(simdev_device(sd)), 0);
+	r = hmm_device_unregister(simdev_device(sd));
+	CHECK_EQ(simdev_destroy(sd), 0);
+	return r;
+}
+
+static long do_device_fault(struct ctx *c, const struct args *a)
+{
+	struct hmm_device *dev = dev_of(c, a->dev);
+	uintptr_t start = addr_of(c, a->addr), end;
+	long r;
+
+	switch (a->len) {
+	case L_REVERSED:
+		end = start - PAGE;
+		break;
+	case L_END_MAX:
+		end = UINTPTR_MAX;
+		break;
+	case L_BEYOND_VA:
+		start = (uintptr_t)1 << 60;
+		end = start + PAGE;
+		break;
+	default:
+		end = start + len_of(a->len);
+	}
+	r = hmm_device_fault(dev, start, end, a->flags);
+	c->never.ops = &stub_ops;
+	if (c->hmm) {
+		/* Rounded out to pages when it succeeds; nothing moved when it fails. */
+		CHECK_EQ(hmm_device_mem_used(&c->fake->dev),
+			 r ? 0 : ((end + PAGE - 1) & -PAGE) - (start & -PAGE));
+		if (!r)		/* control rows: the page came; send it home */
+			CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
+		rw_check(c);
+	}
+	return r;
+}
+
+static long do_mem_used(struct ctx *c, const struct args *a)
+{
+	return (long)hmm_device_mem_used(dev_of(c, a->dev));
+}
+
+static long do_simdev_create(struct ctx *c, const struct args *a)
+{
+	struct simdev_options o = { .sz = sizeof(o), .mem_bytes = CHUNK, .threads = 1 };
+	struct simdev *sd = SENTINEL;
+	long r;
+
+	switch (a->opt) {
+	case O_SIZE0:
+		o.sz = 0;
+		break;
+	case O_FB_NPOT:
+		o.fault_bytes = 3 * PAGE;
+		break;
+	case O_FB_BIG:
+		o.fault_bytes = 2 * CHUNK;
+		break;
+	case O_MEM_SMALL:
+		o.mem_bytes = 1;
+		break;
+	case O_THREADS:
+		o.threads = 65;
+		break;
+	default:
+		break;
+	}
+	r = simdev_create(h_of(c, a->h), &o, a->null_out ? NULL : &sd);
+	if (r) {
+		CHECK(sd == SENTINEL);
+	} else {
+		CHECK(sd != SENTINEL);
+		CHECK_EQ(simdev_destroy(sd), 0);
+	}
+	return r;
+}
+
+/* A larger options struct from a newer header: its unknown tail must be zero. */
+static long do_simdev_create_newer(struct ctx *c, const struct args *a)
+{
+	struct {
+		struct simdev_options o;
+		uint64_t newer;
+	} big = { .o = { .sz = sizeof(big), .mem_bytes = CHUNK, .threads = 1 }, .newer = 1 };
+	struct simdev *sd = SENTINEL;
+	long r = simdev_create(h_of(c, a->h), &big.o, &sd);
+
+	CHECK(sd == SENTINEL);
+	return r;
+}
+
+static long do_simdev_destroy_null(struct ctx *c, const struct args *a)
+{
+	(void)c;
+	(void)a;
+	return simdev_destroy(NULL);
+}
+
+static long do_simdev_destroy(struct ctx *c, const struct args *a)
+{
+	long r = simdev_destroy(c->sd);
+
+	(void)a;
+	if (!r)
+		c->sd = NULL;
+	return r;
+}
+
+static long do_simdev_device_null(struct ctx *c, const struct args *a)
+{
+	(void)c;
+	(void)a;
+	return simdev_device(NULL) != NULL;
+}
+
+static long do_set_dma(struct ctx *c, const struct args *a)
+{
+	return simdev_set_dma(a->dev == D_NULL ? NULL : c->sd, 0, 0);
+}
+
+static long do_stats_sim(struct ctx *c, const struct args *a)
+{
+	struct simdev_stats st;
+
+	return simdev_stats_read(a->dev == D_NULL ? NULL : c->sd, a->null_out ? NULL : &st);
+}
+
+static long do_inject(struct ctx *c, const struct args *a)
+{
+	/* a->flags is the knob; the valid rows disarm (count 0). */
+	return simdev_inject(a->dev == D_NULL ? NULL : c->sd, (enum simdev_inject)a->flags, 0);
+}
+
+static void nop_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
+{
+	(void)t;
+	(void)idx;
+	(void)n;
+	(void)arg;
+}
+
+static long do_run_null(struct ctx *c, const struct args *a)
+{
+	if (a->null_out)
+		return simdev_run(c->sd, NULL, NULL);
+	return simdev_run(NULL, nop_kernel, NULL);
+}
+
+/* simdev_run() and simdev_destroy() from inside a kernel on the same device. */
+struct nested {
+	struct simdev *sd;
+	bool destroy;
+	atomic_int ret;
+};
+
+static void nested_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
+{
+	struct nested *x = arg;
+
+	(void)t;
+	(void)n;
+	if (idx == 0)
+		atomic_store(&x->ret, x->destroy ? simdev_destroy(x->sd) :
+				      simdev_run(x->sd, nop_kernel, NULL));
+}
+
+static long do_run_nested(struct ctx *c, const struct args *a)
+{
+	struct nested x = { .sd = c->sd, .destroy = a->null_out, .ret = 1 };
+
+	CHECK_EQ(simdev_run(c->sd, nested_kernel, &x), 0);
+	return atomic_load(&x.ret);
+}
+
+/* One access by thread 0 of a kernel; then another one, which must fail the same. */
+struct access {
+	enum op_arg op;
+	uintptr_t addr, good;
+	size_t len;
+	void *buf;
+	uint64_t *expected;
+	int ret, again;
+	uint64_t value;
+	bool ok, failed;
+};
+
+static void access_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
+{
+	struct access *x = arg;
+	uint64_t w;
+
+	(void)n;
+	if (idx)
+		return;
+	switch (x->op) {
+	case OP_READ:
+		x->ret = simdev_read(t, x->addr, x->buf, x->len);
+		break;
+	case OP_WRITE:
+		x->ret = simdev_write(t, x->addr, x->buf, x->len);
+		break;
+	case OP_LOAD:
+		x->value = simdev_load64(t, x->addr);
+		break;
+	case OP_STORE:
+		simdev_store64(t, x->addr, rw_word(0));
+		break;
+	case OP_ADD:
+		x->value = simdev_fetch_add64(t, x->addr, 0);
+		break;
+	case OP_CAS:
+		x->ok = simdev_cas64(t, x->addr, x->expected, rw_word(0));
+		break;
+	}
+	x->failed = simdev_failed(t);
+	x->again = simdev_read(t, x->good, &w, sizeof(w));
+}
+
+static long do_access(struct ctx *c, const struct args *a)
+{
+	static uint64_t buf[3 * PAGE / 8];	/* room for a read that runs off the end */
+	uint64_t expected = rw_word(0);
+	struct access x = { .op = a->op, .addr = addr_of(c, a->addr), .good = (uintptr_t)c->rw,
+			    .len = len_of(a->len), .buf = a->null_out ? NULL : buf,
+			    .expected = a->null_out ? NULL : &expected, .value = 1 };
+	int r;
+
+	if (a->op == OP_WRITE)
+		memcpy(buf, c->rw + (x.addr - (uintptr_t)c->rw) % PAGE, len_of(a->len));
+	r = simdev_run(c->sd, access_kernel, &x);
+	CHECK_EQ(x.failed, r != 0);
+	CHECK_EQ(x.again, r);			/* the first error sticks */
+	if (a->op == OP_READ || a->op == OP_WRITE)
+		CHECK_EQ(x.ret, r);
+	if (r && (a->op == OP_LOAD || a->op == OP_ADD))
+		CHECK_EQ_U64(x.value, 0);	/* a failed load returns 0 */
+	if (a->op == OP_CAS)
+		CHECK_EQ(x.ok, r == 0);
+	rw_check(c);				/* every access wrote what was there */
+	return r;
+}
+
+/*
+ * hmm_init() options, run with no address space live: each must be refused
+ * on its own merits. A bad option that were accepted would make the row
+ * return 0 (and its address space is finalised at once).
+ */
+static long do_init(struct ctx *c, const struct args *a)
+{
+	struct {
+		struct hmm_options o;
+		uint64_t newer;
+	} big = { .o = { .sz = sizeof(struct hmm_options) } };
+	struct hmm *h = SENTINEL;
+	int r;
+
+	(void)c;
+	switch (a->opt) {
+	case O_SIZE0:
+		big.o.sz = 0;
+		break;
+	case O_MODE:
+		big.o.fault_mode = (enum hmm_fault_mode)2;
+		break;
+	case O_FA_NPOT:
+		big.o.fault_around_bytes = 3 * PAGE;
+		break;
+	case O_FA_SMALL:
+		big.o.fault_around_bytes = 8;
+		break;
+	case O_FA_BIG:
+		big.o.fault_around_bytes = 2 * CHUNK;
+		break;
+	case O_DFA_NPOT:
+		big.o.device_fault_around_bytes = 3 * PAGE;
+		break;
+	case O_DFA_BIG:
+		big.o.device_fault_around_bytes = 2 * CHUNK;
+		break;
+	case O_NEWER_TAIL:
+		big.o.sz = sizeof(big);
+		big.newer = 1;
+		break;
+	default:
+		break;
+	}
+	r = hmm_init(&big.o, a->null_out ? NULL : &h);
+	if (r) {
+		CHECK(h == SENTINEL);
+	} else {
+		CHECK_EQ(hmm_fini(h), 0);
+	}
+	return r;
+}
+
+static long do_init_twice(struct ctx *c, const struct args *a)
+{
+	struct hmm *h = SENTINEL;
+	int r;
+
+	(void)a;
+	r = hmm_init(NULL, &h);
+	CHECK(h == SENTINEL);
+	CHECK(c->hmm);
+	return r;
+}
+
+/* ---- after hmm_fini ---------------------------------------------------------------- */
+
+static long do_late_fence(struct ctx *c, const struct args *a)
+{
+	struct hmm_fence *f = a->null_out ? c->late_eio : c->late_ok;
+	long r;
+
+	hmm_fence_get(f);		/* references work without the address space */
+	hmm_fence_put(f);
+	r = hmm_fence_wait(f);
+	CHECK_EQ(hmm_fence_wait(f), r);	/* and say the same every time */
+	hmm_fence_put(f);
+	if (a->null_out)
+		c->late_eio = NULL;
+	else
+		c->late_ok = NULL;
+	return r;
+}
+
+/* A device that hmm_fini() released, offered to a new address space. */
+static long do_migrate_to_released(struct ctx *c, const struct args *a)
+{
+	struct hmm *h;
+	void *p;
+	long r;
+
+	(void)a;
+	CHECK(!c->fake->dev.hmm);
+	CHECK_EQ(hmm_init(NULL, &h), 0);
+	CHECK_EQ(hmm_mmap(h, PAGE, PROT_READ | PROT_WRITE, 0, &p), 0);
+	r = hmm_migrate(h, p, PAGE, &c->fake->dev, 0, NULL);
+	CHECK_EQ(hmm_munmap(h, p, PAGE), 0);
+	CHECK_EQ(hmm_fini(h), 0);
+	return r;
+}
+
+/* A kernel on a simdev whose address space is gone: its accesses reach no core. */
+static long do_run_after_fini(struct ctx *c, const struct args *a)
+{
+	struct access x = { .op = OP_LOAD, .addr = (uintptr_t)c->rw, .good = (uintptr_t)c->rw,
+			    .value = 1 };
+	long r;
+
+	if (a->null_out)
+		return simdev_run(c->sd, nop_kernel, NULL);
+	r = simdev_run(c->sd, access_kernel, &x);
+	CHECK(x.failed);
+	CHECK_EQ_U64(x.value, 0);
+	return r;
+}
+
+/*
+ * An asynchronous move to a device that is unregistered before the move
+ * runs, and whose id a new device has taken meanwhile: the move must not go
+ * to the newcomer. The migration thread is held in the copy of an earlier
+ * move (a gate in a fake device's copy) while all that happens.
+ */
+static atomic_int gate_open;
+
+static int gated_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hmm_fence **f)
+{
+	while (!atomic_load(&gate_open))
+		sched_yield();
+	return fake_ops.copy(dev, c, f);
+}
+
+static long do_migrate_async_unregistered(struct ctx *c, const struct args *a)
+{
+	struct hmm_device_ops gate_ops = fake_ops;
+	struct fake_device *gate = fake_new(1), *y = fake_new(1), *z = fake_new(1);
+	struct hmm_fence *first, *moved;
+	unsigned int y_id;
+	long r;
+
+	(void)a;
+	gate_ops.copy = gated_copy;
+	gate->dev.ops = &gate_ops;
+	atomic_store(&gate_open, 0);
+	CHECK_EQ(hmm_device_register(c->hmm, &gate->dev), 0);
+	CHECK_EQ(hmm_device_register(c->hmm, &y->dev), 0);
+	y_id = y->dev.id;
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw, PAGE, &gate->dev, 0, &first), 0);
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw + PAGE, PAGE, &y->dev, 0, &moved), 0);
+	CHECK_EQ(hmm_device_unregister(&y->dev), 0);
+	CHECK_EQ(hmm_device_register(c->hmm, &z->dev), 0);
+	CHECK_EQ(z->dev.id, y_id);		/* the lowest free id: the case we want */
+	atomic_store(&gate_open, 1);
+	CHECK_EQ(hmm_fence_wait(first), 0);
+	r = hmm_fence_wait(moved);
+	hmm_fence_put(first);
+	hmm_fence_put(moved);
+	CHECK_EQ(hmm_device_mem_used(&z->dev), 0);
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
+	rw_check(c);
+	CHECK_EQ(hmm_device_unregister(&gate->dev), 0);
+	CHECK_EQ(hmm_device_unregister(&z->dev), 0);
+	fake_free(gate);
+	fake_free(y);
+	fake_free(z);
+	return r;
+}
+
+/* ---- the table ------------------------------------------------------------------------- */
+
+/* ROW(function, class, invoker, expected, arguments...); AFTER: once none is live. */
+#define ROW(name, class, invoker, want, ...)						\
+	{ .fn = name, .cls = class, .call = invoker, .expect = want, .a = { __VA_ARGS__ },	\
+	  .phase = LIVE }
+#define AFTER(name, class, invoker, want, ...)						\
+	{ .fn = name, .cls = class, .call = invoker, .expect = want, .a = { __VA_ARGS__ },	\
+	  .phase = AFTER_FINI }
+
+static const struct row rows[] = {
+	/* hmm_init */
+	AFTER("hmm_init", "NULL out", do_init, -EINVAL, .null_out = true),
+	AFTER("hmm_init", "options: size 0", do_init, -EINVAL, .opt = O_SIZE0),
+	AFTER("hmm_init", "options: unknown fault mode", do_init, -EINVAL, .opt = O_MODE),
+	AFTER("hmm_init", "options: fault-around not a power of two", do_init, -EINVAL,
+	    .opt = O_FA_NPOT),
+	AFTER("hmm_init", "options: fault-around below a page", do_init, -EINVAL,
+	    .opt = O_FA_SMALL),
+	AFTER("hmm_init", "options: fault-around above 2 MiB", do_init, -EINVAL, .opt = O_FA_BIG),
+	AFTER("hmm_init", "options: device fault-around not a power of two", do_init, -EINVAL,
+	    .opt = O_DFA_NPOT),
+	AFTER("hmm_init", "options: device fault-around above 2 MiB", do_init, -EINVAL,
+	    .opt = O_DFA_BIG),
+	AFTER("hmm_init", "options: newer struct, unknown tail not zero", do_init, -EINVAL,
+	    .opt = O_NEWER_TAIL),
+	AFTER("hmm_init", "valid (control)", do_init, 0, 0),
+	ROW("hmm_init", "one already live", do_init_twice, -EEXIST, 0),
+
+	/* hmm_fini */
+	ROW("hmm_fini", "NULL", do_fini, -EINVAL, .h = H_NULL),
+	ROW("hmm_fini", "foreign object", do_fini, -EINVAL, .h = H_FOREIGN),
+	AFTER("hmm_fini", "after hmm_fini (twice)", do_fini, -EINVAL, .h = H_STALE),
+
+	/* hmm_mmap */
+	ROW("hmm_mmap", "valid (control)", do_mmap, 0, 0),
+	ROW("hmm_mmap", "NULL hmm", do_mmap, -EINVAL, .h = H_NULL),
+	ROW("hmm_mmap", "foreign hmm", do_mmap, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_mmap", "NULL out", do_mmap, -EINVAL, .null_out = true),
+	ROW("hmm_mmap", "zero length", do_mmap, -EINVAL, .len = L_ZERO),
+	ROW("hmm_mmap", "length wraps when rounded up", do_mmap, -EINVAL, .len = L_MAX),
+	ROW("hmm_mmap", "length beyond the address space", do_mmap, -ENOMEM, .len = L_HUGE),
+	ROW("hmm_mmap", "prot: write without read", do_mmap, -EINVAL, .prot = P_WRITE_ONLY),
+	ROW("hmm_mmap", "prot: exec", do_mmap, -EINVAL, .prot = P_EXEC),
+	ROW("hmm_mmap", "prot: -1", do_mmap, -EINVAL, .prot = P_MINUS1),
+	ROW("hmm_mmap", "flags: 1", do_mmap, -EINVAL, .flags = 1),
+	ROW("hmm_mmap", "flags: top bit", do_mmap, -EINVAL, .flags = 1u << 31),
+	AFTER("hmm_mmap", "after hmm_fini", do_mmap, -EINVAL, .h = H_STALE),
+
+	/* hmm_munmap (its valid call is every fixture teardown) */
+	ROW("hmm_munmap", "NULL hmm", do_munmap, -EINVAL, .h = H_NULL),
+	ROW("hmm_munmap", "foreign hmm", do_munmap, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_munmap", "NULL address", do_munmap, -EINVAL, .addr = A_NULL),
+	ROW("hmm_munmap", "zero length", do_munmap, -EINVAL, .len = L_ZERO),
+	ROW("hmm_munmap", "unaligned address", do_munmap, -EINVAL, .addr = A_RW_PLUS1),
+	ROW("hmm_munmap", "wrapping length", do_munmap, -EINVAL, .len = L_WRAP),
+	ROW("hmm_munmap", "SIZE_MAX length", do_munmap, -EINVAL, .len = L_MAX),
+	ROW("hmm_munmap", "foreign memory", do_munmap, -EINVAL, .addr = A_FOREIGN),
+	ROW("hmm_munmap", "runs off the end of a mapping", do_munmap, -EINVAL, .len = L_OFF_END),
+	ROW("hmm_munmap", "unmapped already (twice)", do_munmap, -EINVAL, .addr = A_GONE),
+	AFTER("hmm_munmap", "after hmm_fini", do_munmap, -EINVAL, .h = H_STALE),
+
+	/* hmm_mprotect */
+	ROW("hmm_mprotect", "valid (control)", do_mprotect, 0, 0),
+	ROW("hmm_mprotect", "NULL hmm", do_mprotect, -EINVAL, .h = H_NULL),
+	ROW("hmm_mprotect", "foreign hmm", do_mprotect, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_mprotect", "NULL address", do_mprotect, -EINVAL, .addr = A_NULL),
+	ROW("hmm_mprotect", "zero length", do_mprotect, -EINVAL, .len = L_ZERO),
+	ROW("hmm_mprotect", "unaligned address", do_mprotect, -EINVAL, .addr = A_RW_PLUS1),
+	ROW("hmm_mprotect", "wrapping length", do_mprotect, -EINVAL, .len = L_WRAP),
+	ROW("hmm_mprotect", "SIZE_MAX length", do_mprotect, -EINVAL, .len = L_MAX),
+	ROW("hmm_mprotect", "foreign memory", do_mprotect, -EINVAL, .addr = A_FOREIGN),
+	ROW("hmm_mprotect", "runs off the end of a mapping", do_mprotect, -EINVAL,
+	    .len = L_OFF_END),
+	ROW("hmm_mprotect", "unmapped memory", do_mprotect, -EINVAL, .addr = A_GONE),
+	ROW("hmm_mprotect", "prot: write without read", do_mprotect, -EINVAL, .prot = P_WRITE_ONLY),
+	ROW("hmm_mprotect", "prot: exec", do_mprotect, -EINVAL, .prot = P_EXEC),
+	ROW("hmm_mprotect", "prot: -1", do_mprotect, -EINVAL, .prot = P_MINUS1),
+	AFTER("hmm_mprotect", "after hmm_fini", do_mprotect, -EINVAL, .h = H_STALE),
+
+	/* hmm_migrate */
+	ROW("hmm_migrate", "valid (control)", do_migrate, 0, 0),
+	ROW("hmm_migrate", "valid, asynchronous (control)", do_migrate, 0, .fence = true),
+	ROW("hmm_migrate", "NULL hmm", do_migrate, -EINVAL, .h = H_NULL),
+	ROW("hmm_migrate", "foreign hmm", do_migrate, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_migrate", "zero length", do_migrate, -EINVAL, .len = L_ZERO),
+	ROW("hmm_migrate", "unaligned address", do_migrate, -EINVAL, .addr = A_RW_PLUS1),
+	ROW("hmm_migrate", "unaligned length", do_migrate, -EINVAL, .len = L_PAGE_PLUS1),
+	ROW("hmm_migrate", "wrapping length", do_migrate, -EINVAL, .len = L_WRAP),
+	ROW("hmm_migrate", "SIZE_MAX length", do_migrate, -EINVAL, .len = L_MAX),
+	ROW("hmm_migrate", "flags: 1", do_migrate, -EINVAL, .flags = 1),
+	ROW("hmm_migrate", "flags: 1, asynchronous", do_migrate, -EINVAL,
+	    .flags = 1, .fence = true),
+	ROW("hmm_migrate", "unregistered device", do_migrate, -EINVAL, .dev = D_NEVER),
+	ROW("hmm_migrate", "unregistered device, asynchronous", do_migrate, -EINVAL,
+	    .dev = D_NEVER, .fence = true),
+	ROW("hmm_migrate", "device with incomplete ops, never registered", do_migrate, -EINVAL,
+	    .dev = D_PARTIAL),
+	ROW("hmm_migrate", "NULL address", do_migrate, -EFAULT, .addr = A_NULL),
+	ROW("hmm_migrate", "foreign memory", do_migrate, -EFAULT, .addr = A_FOREIGN),
+	ROW("hmm_migrate", "foreign memory, to the host", do_migrate, -EFAULT,
+	    .addr = A_FOREIGN, .dev = D_NULL),
+	ROW("hmm_migrate", "foreign memory, asynchronous", do_migrate, -EFAULT,
+	    .addr = A_FOREIGN, .fence = true),
+	ROW("hmm_migrate", "foreign memory, to the host, asynchronous", do_migrate, -EFAULT,
+	    .addr = A_FOREIGN, .dev = D_NULL, .fence = true),
+	ROW("hmm_migrate", "runs off the end of a mapping", do_migrate, -EFAULT, .len = L_OFF_END),
+	ROW("hmm_migrate", "unmapped memory", do_migrate, -EFAULT, .addr = A_GONE),
+	{ .fn = "hmm_migrate", .cls = "device unregistered while the move was queued",
+	  .call = do_migrate_async_unregistered, .expect = -ENODEV,
+	  .bug = "the queued move goes to the device that took the old one's id" },
+	AFTER("hmm_migrate", "after hmm_fini", do_migrate, -EINVAL, .h = H_STALE, .dev = D_NULL),
+	AFTER("hmm_migrate", "device released by hmm_fini, new address space",
+	    do_migrate_to_released, -EINVAL, 0),
+
+	/* fences */
+	ROW("hmm_fence_wait", "NULL", do_fence_wait, -EINVAL, 0),
+	ROW("hmm_fence_get/put", "NULL", do_fence_get_put_null, 0, 0),
+	AFTER("hmm_fence_wait", "fence outliving its hmm, move done", do_late_fence, 0, 0),
+	AFTER("hmm_fence_wait", "fence outliving its hmm, move failed", do_late_fence, -EIO,
+	    .null_out = true),
+
+	/* hmm_stats_read */
+	ROW("hmm_stats_read", "valid (control)", do_stats_read, 0, 0),
+	ROW("hmm_stats_read", "NULL hmm", do_stats_read, -EINVAL, .h = H_NULL),
+	ROW("hmm_stats_read", "foreign hmm", do_stats_read, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_stats_read", "NULL stats", do_stats_read, -EINVAL, .null_out = true),
+	AFTER("hmm_stats_read", "after hmm_fini", do_stats_read, -EINVAL, .h = H_STALE),
+
+	/* hmm_device_register */
+	ROW("hmm_device_register", "valid (control)", do_register, 0, .dev = D_NEVER),
+	ROW("hmm_device_register", "NULL hmm", do_register, -EINVAL, .h = H_NULL, .dev = D_NEVER),
+	ROW("hmm_device_register", "foreign hmm", do_register, -EINVAL,
+	    .h = H_FOREIGN, .dev = D_NEVER),
+	ROW("hmm_device_register", "NULL device", do_register, -EINVAL, .null_out = true),
+	ROW("hmm_device_register", "NULL ops", do_register_no_ops, -EINVAL, 0),
+	ROW("hmm_device_register", "each required op missing", do_register_each_missing_op, -EINVAL,
+	    0),
+	ROW("hmm_device_register", "registered already", do_register, -EBUSY, .dev = D_FAKE),
+	ROW("hmm_device_register", "a simdev's device, registered already", do_register, -EBUSY,
+	    .dev = D_SIM),
+	ROW("hmm_device_register", "every id taken", do_register_full, -ENOSPC, 0),
+	AFTER("hmm_device_register", "after hmm_fini", do_register, -EINVAL,
+	    .h = H_STALE, .dev = D_NEVER),
+
+	/* hmm_device_unregister */
+	ROW("hmm_device_unregister", "NULL", do_unregister, -EINVAL, .dev = D_NULL),
+	ROW("hmm_device_unregister", "never registered", do_unregister, -ENOENT, .dev = D_NEVER),
+	ROW("hmm_device_unregister", "twice", do_unregister_twice, -ENOENT, 0),
+	ROW("hmm_device_unregister", "a simdev's device, twice",
+	    do_unregister_simdev_twice, -ENOENT, 0),
+	AFTER("hmm_device_unregister", "released by hmm_fini", do_unregister, -ENOENT,
+	    .dev = D_FAKE),
+
+	/* hmm_device_fault */
+	ROW("hmm_device_fault", "valid (control)", do_device_fault, 0, 0),
+	ROW("hmm_device_fault", "unaligned start, rounded out (control)", do_device_fault, 0,
+	    .addr = A_RW_PLUS1),
+	ROW("hmm_device_fault", "NULL device", do_device_fault, -EINVAL, .dev = D_NULL),
+	ROW("hmm_device_fault", "unregistered device", do_device_fault, -EINVAL, .dev = D_NEVER),
+	ROW("hmm_device_fault", "empty range", do_device_fault, -EINVAL, .len = L_ZERO),
+	ROW("hmm_device_fault", "end before start", do_device_fault, -EINVAL, .len = L_REVERSED),
+	ROW("hmm_device_fault", "end wraps when rounded up", do_device_fault, -EINVAL,
+	    .len = L_END_MAX),
+	ROW("hmm_device_fault", "beyond user addresses", do_device_fault, -EINVAL,
+	    .len = L_BEYOND_VA),
+	ROW("hmm_device_fault", "flags: 2", do_device_fault, -EINVAL, .flags = 2),
+	ROW("hmm_device_fault", "NULL address", do_device_fault, -EFAULT, .addr = A_NULL),
+	ROW("hmm_device_fault", "foreign memory", do_device_fault, -EFAULT, .addr = A_FOREIGN),
+	ROW("hmm_device_fault", "runs off the end of a mapping", do_device_fault, -EFAULT,
+	    .len = L_OFF_END),
+	ROW("hmm_device_fault", "unmapped memory", do_device_fault, -EFAULT, .addr = A_GONE),
+	ROW("hmm_device_fault", "write to read-only memory", do_device_fault, -EACCES,
+	    .addr = A_RO, .flags = HMM_DEVICE_FAULT_WRITE),
+	ROW("hmm_device_fault", "read of PROT_NONE memory", do_device_fault, -EACCES,
+	    .addr = A_NONE),
+	AFTER("hmm_device_fault", "released by hmm_fini", do_device_fault, -EINVAL, 0),
+
+	/* hmm_device_mem_used */
+	ROW("hmm_device_mem_used", "NULL", do_mem_used, 0, .dev = D_NULL),
+	ROW("hmm_device_mem_used", "never registered", do_mem_used, 0, .dev = D_NEVER),
+	AFTER("hmm_device_mem_used", "released by hmm_fini", do_mem_used, 0, 0),
+
+	/* simdev_create */
+	ROW("simdev_create", "valid (control)", do_simdev_create, 0, 0),
+	ROW("simdev_create", "NULL hmm", do_simdev_create, -EINVAL, .h = H_NULL),
+	ROW("simdev_create", "foreign hmm", do_simdev_create, -EINVAL, .h = H_FOREIGN),
+	ROW("simdev_create", "NULL out", do_simdev_create, -EINVAL, .null_out = true),
+	ROW("simdev_create", "options: size 0", do_simdev_create, -EINVAL, .opt = O_SIZE0),
+	ROW("simdev_create", "options: memory below a chunk", do_simdev_create, -EINVAL,
+	    .opt = O_MEM_SMALL),
+	ROW("simdev_create", "options: 65 threads", do_simdev_create, -EINVAL, .opt = O_THREADS),
+	ROW("simdev_create", "options: fault bytes not a power of two", do_simdev_create, -EINVAL,
+	    .opt = O_FB_NPOT),
+	ROW("simdev_create", "options: fault bytes above 2 MiB", do_simdev_create, -EINVAL,
+	    .opt = O_FB_BIG),
+	ROW("simdev_create", "options: newer struct, unknown tail not zero",
+	    do_simdev_create_newer, -EINVAL, 0),
+	ROW("simdev_create", "every id taken", do_simdev_create_full, -ENOSPC, 0),
+	AFTER("simdev_create", "after hmm_fini", do_simdev_create, -EINVAL, .h = H_STALE),
+
+	/* simdev_device, simdev_set_dma, simdev_stats_read, simdev_inject */
+	ROW("simdev_device", "NULL", do_simdev_device_null, 0, 0),
+	ROW("simdev_set_dma", "NULL", do_set_dma, -EINVAL, .dev = D_NULL),
+	ROW("simdev_stats_read", "valid (control)", do_stats_sim, 0, 0),
+	ROW("simdev_stats_read", "NULL device", do_stats_sim, -EINVAL, .dev = D_NULL),
+	ROW("simdev_stats_read", "NULL stats", do_stats_sim, -EINVAL, .null_out = true),
+	ROW("simdev_inject", "valid (control)", do_inject, 0, .flags = SIMDEV_FENCE_EIO),
+	ROW("simdev_inject", "NULL", do_inject, -EINVAL, .dev = D_NULL),
+	ROW("simdev_inject", "knob one past the last", do_inject, -EINVAL,
+	    .flags = SIMDEV_FENCE_EIO + 1),
+	ROW("simdev_inject", "knob -1", do_inject, -EINVAL, .flags = UINT32_MAX),
+	AFTER("simdev_set_dma", "after hmm_fini", do_set_dma, 0, 0),
+	AFTER("simdev_stats_read", "after hmm_fini", do_stats_sim, 0, 0),
+	AFTER("simdev_inject", "after hmm_fini", do_inject, 0, 0),
+
+	/* simdev_run */
+	ROW("simdev_run", "NULL device", do_run_null, -EINVAL, 0),
+	ROW("simdev_run", "NULL kernel", do_run_null, -EINVAL, .null_out = true),
+	ROW("simdev_run", "from its own kernel", do_run_nested, -EBUSY, 0),
+	AFTER("simdev_run", "after hmm_fini, kernel touching nothing", do_run_after_fini, 0,
+	    .null_out = true),
+	AFTER("simdev_run", "after hmm_fini, kernel loading a word", do_run_after_fini, -EINVAL, 0),
+
+	/* the kernel accessors */
+	ROW("simdev_read", "valid (control)", do_access, 0, .op = OP_READ, .len = L_WORDS),
+	ROW("simdev_read", "zero length, foreign memory", do_access, 0,
+	    .op = OP_READ, .addr = A_FOREIGN, .len = L_ZERO),
+	ROW("simdev_read", "NULL address", do_access, -EFAULT,
+	    .op = OP_READ, .addr = A_NULL, .len = L_WORDS),
+	ROW("simdev_read", "foreign memory", do_access, -EFAULT,
+	    .op = OP_READ, .addr = A_FOREIGN, .len = L_WORDS),
+	ROW("simdev_read", "unmapped memory", do_access, -EFAULT,
+	    .op = OP_READ, .addr = A_GONE, .len = L_WORDS),
+	ROW("simdev_read", "runs off the end of a mapping", do_access, -EFAULT,
+	    .op = OP_READ, .len = L_OFF_END),
+	ROW("simdev_read", "wrapping range", do_access, -EINVAL,
+	    .op = OP_READ, .addr = A_WRAP, .len = L_WORDS),
+	ROW("simdev_read", "PROT_NONE memory", do_access, -EACCES,
+	    .op = OP_READ, .addr = A_NONE, .len = L_WORDS),
+	{ .fn = "simdev_read", .cls = "NULL buffer", .call = do_access, .expect = -EINVAL,
+	  .a = { .op = OP_READ, .len = L_WORDS, .null_out = true },
+	  .bug = "simdev_read() copies into a NULL buffer: SIGSEGV" },
+	ROW("simdev_write", "valid (control)", do_access, 0, .op = OP_WRITE, .len = L_WORDS),
+	ROW("simdev_write", "foreign memory", do_access, -EFAULT,
+	    .op = OP_WRITE, .addr = A_FOREIGN, .len = L_WORDS),
+	ROW("simdev_write", "read-only memory", do_access, -EACCES,
+	    .op = OP_WRITE, .addr = A_RO, .len = L_WORDS),
+	ROW("simdev_write", "wrapping range", do_access, -EINVAL,
+	    .op = OP_WRITE, .addr = A_WRAP, .len = L_WORDS),
+	{ .fn = "simdev_write", .cls = "NULL buffer", .call = do_access, .expect = -EINVAL,
+	  .a = { .op = OP_WRITE, .len = L_WORDS, .null_out = true },
+	  .bug = "simdev_write() copies from a NULL buffer: SIGSEGV" },
+	ROW("simdev_load64", "valid (control)", do_access, 0, .op = OP_LOAD),
+	ROW("simdev_load64", "unaligned", do_access, -EINVAL, .op = OP_LOAD, .addr = A_RW_PLUS4),
+	ROW("simdev_load64", "NULL address", do_access, -EFAULT, .op = OP_LOAD, .addr = A_NULL),
+	ROW("simdev_load64", "foreign memory", do_access, -EFAULT,
+	    .op = OP_LOAD, .addr = A_FOREIGN),
+	ROW("simdev_load64", "PROT_NONE memory", do_access, -EACCES, .op = OP_LOAD, .addr = A_NONE),
+	ROW("simdev_store64", "valid (control)", do_access, 0, .op = OP_STORE),
+	ROW("simdev_store64", "unaligned", do_access, -EINVAL, .op = OP_STORE, .addr = A_RW_PLUS4),
+	ROW("simdev_store64", "foreign memory", do_access, -EFAULT,
+	    .op = OP_STORE, .addr = A_FOREIGN),
+	ROW("simdev_store64", "read-only memory", do_access, -EACCES, .op = OP_STORE, .addr = A_RO),
+	ROW("simdev_fetch_add64", "valid (control)", do_access, 0, .op = OP_ADD),
+	ROW("simdev_fetch_add64", "unaligned", do_access, -EINVAL,
+	    .op = OP_ADD, .addr = A_RW_PLUS4),
+	ROW("simdev_fetch_add64", "unmapped memory", do_access, -EFAULT,
+	    .op = OP_ADD, .addr = A_GONE),
+	ROW("simdev_fetch_add64", "read-only memory", do_access, -EACCES,
+	    .op = OP_ADD, .addr = A_RO),
+	ROW("simdev_cas64", "valid (control)", do_access, 0, .op = OP_CAS),
+	ROW("simdev_cas64", "unaligned", do_access, -EINVAL, .op = OP_CAS, .addr = A_RW_PLUS4),
+	ROW("simdev_cas64", "foreign memory", do_access, -EFAULT, .op = OP_CAS, .addr = A_FOREIGN),
+	ROW("simdev_cas64", "read-only memory", do_access, -EACCES, .op = OP_CAS, .addr = A_RO),
+	{ .fn = "simdev_cas64", .cls = "NULL expected", .call = do_access, .expect = -EINVAL,
+	  .a = { .op = OP_CAS, .null_out = true },
+	  .bug = "simdev_cas64() dereferences a NULL @expected: SIGSEGV" },
+
+	/* simdev_destroy: last, it ends the fixture's simdev */
+	ROW("simdev_destroy", "NULL", do_simdev_destroy_null, -EINVAL, 0),
+	ROW("simdev_destroy", "from its own kernel", do_run_nested, -EBUSY, .null_out = true),
+	AFTER("simdev_destroy", "after hmm_fini", do_simdev_destroy, 0, 0),
+};
+
+#define NR_ROWS (sizeof(rows) / sizeof(rows[0]))
+
+/* ---- running it ---------------------------------------------------------------------- */
+
+static void setup(struct ctx *c, enum hmm_fault_mode mode)
+{
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct simdev_options so = { .sz = sizeof(so), .mem_bytes = CHUNK, .threads = 1,
+				     .fault_bytes = PAGE };
+	void *p;
+
+	*c = (struct ctx){ .mode = mode };
+	CHECK_EQ(hmm_init(&o, &c->hmm), 0);
+	CHECK_EQ(hmm_mmap(c->hmm, PAGE, PROT_READ, 0, &p), 0);
+	c->ro = p;
+	CHECK_EQ(hmm_mmap(c->hmm, PAGE, PROT_NONE, 0, &p), 0);
+	c->none = p;
+	CHECK_EQ(hmm_mmap(c->hmm, 3 * PAGE, PROT_READ | PROT_WRITE, 0, &p), 0);
+	c->rw = p;
+	c->gone = c->rw + 2 * PAGE;
+	CHECK_EQ(hmm_munmap(c->hmm, c->gone, PAGE), 0);
+	for (size_t i = 0; i < 2 * PAGE / 8; i++)
+		((uint64_t *)c->rw)[i] = rw_word(i);
+	c->foreign = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+			  -1, 0);
+	CHECK(c->foreign != MAP_FAILED);
+	c->fake = fake_new(1);
+	CHECK_EQ(hmm_device_register(c->hmm, &c->fake->dev), 0);
+	c->never = stub_new(&stub_ops);
+	CHECK_EQ(simdev_create(c->hmm, &so, &c->sd), 0);
+}
+
+/*
+ * Two moves queued right before hmm_fini(), which runs them first: the fake
+ * device fails the first copy only, so the first move fails and the second
+ * is done. Their fences are waited for after the address space is gone.
+ */
+static void fini(struct ctx *c)
+{
+	fake_knob(c->fake, &c->fake->fail_copy, 1);
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw, PAGE, &c->fake->dev, 0, &c->late_eio), 0);
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw, PAGE, &c->fake->dev, 0, &c->late_ok), 0);
+	c->stale = (uintptr_t)c->hmm;
+	CHECK_EQ(hmm_fini(c->hmm), 0);
+	c->hmm = NULL;
+	CHECK_EQ(atomic_load(&c->fake->released), 1);
+}
+
+static void teardown(struct ctx *c)
+{
+	CHECK(!c->sd && !c->late_ok && !c->late_eio);	/* the rows used them up */
+	fake_free(c->fake);
+	munmap(c->foreign, 2 * PAGE);
+}
+
+static unsigned int run_phase(struct ctx *c, enum phase phase, unsigned int *disabled)
+{
+	unsigned int n = 0;
+
+	for (size_t i = 0; i < NR_ROWS; i++) {
+		const struct row *r = &rows[i];
+		long got;
+
+		if (r->phase != phase)
+			continue;
+		if (r->bug) {
+			fprintf(stderr, "  disabled: %s, %s: %s\n", r->fn, r->cls, r->bug);
+			(*disabled)++;
+			continue;
+		}
+		got = r->call(c, &r->a);
+		if (got != r->expect) {
+			fprintf(stderr, "row %zu: %s, %s: got %ld, want %ld\n", i, r->fn, r->cls,
+				got, r->expect);
+			exit(1);
+		}
+		if (c->sd) {
+			struct simdev_stats st;
+
+			CHECK_EQ(simdev_stats_read(c->sd, &st), 0);
+			CHECK_EQ(st.violations, 0);
+		}
+		n++;
+	}
+	return n;
+}
+
+int main(void)
+{
+	static const enum hmm_fault_mode modes[] = { HMM_FAULT_THREAD, HMM_FAULT_SIGNAL };
+	unsigned int total = 0, disabled = 0;
+	struct ctx c;
+	struct hmm *probe;
+	int err = hmm_init(NULL, &probe);
+
+	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
+		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
+		return TEST_SKIP;
+	}
+	CHECK_EQ(err, 0);
+	CHECK_EQ(hmm_fini(probe), 0);
+
+	for (size_t m = 0; m < 2; m++) {
+		struct simdev_stats st;
+		unsigned int n;
+
+		fprintf(stderr, "%s mode\n", modes[m] == HMM_FAULT_THREAD ? "thread" : "signal");
+		setup(&c, modes[m]);
+		n = run_phase(&c, LIVE, &disabled);
+		CHECK_EQ(simdev_stats_read(c.sd, &st), 0);
+		CHECK_EQ(st.violations, 0);
+		fini(&c);
+		n += run_phase(&c, AFTER_FINI, &disabled);
+		teardown(&c);
+		fprintf(stderr, "  %u rows\n", n);
+		total += n;
+	}
+	CHECK_EQ(total + disabled, 2 * NR_ROWS);
+	printf("bad_input: %zu rows, %u run in the two fault modes, %u disabled (known bugs)\n",
+	       NR_ROWS, total, disabled);
+	return 0;
+}
