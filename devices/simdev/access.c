@@ -251,7 +251,7 @@ static int access_bytes(struct simdev_thread *t, uintptr_t addr, size_t len, boo
 {
 	if (t->err)
 		return t->err;
-	if (len > UINTPTR_MAX - addr) {
+	if (len > UINTPTR_MAX - addr || (len && !(write ? in : out))) {
 		thread_fail(t, -EINVAL);
 		return t->err;
 	}
@@ -334,8 +334,11 @@ uint64_t simdev_fetch_add64(struct simdev_thread *t, uintptr_t addr, uint64_t va
 /* Needs write permission even when it fails, as a locked compare-exchange does. */
 bool simdev_cas64(struct simdev_thread *t, uintptr_t addr, uint64_t *expected, uint64_t desired)
 {
-	uint64_t *w = word(t, addr, true);
+	uint64_t *w;
 
+	if (!expected && !t->err)
+		thread_fail(t, -EINVAL);
+	w = word(t, addr, true);
 	if (!w)
 		return false;
 	return __atomic_compare_exchange_n(w, expected, desired, false, __ATOMIC_SEQ_CST,

@@ -112,7 +112,9 @@ int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg);
  * the device page table and fault into the core on a miss. If an access
  * cannot be served, it does nothing (a load returns 0), the thread is marked
  * failed, later accesses fail at once, and simdev_run() returns the error;
- * a kernel may poll simdev_failed() to stop early.
+ * a kernel may poll simdev_failed() to stop early. Bad arguments fail the
+ * same way, with -EINVAL: an unaligned word, a range that wraps, a NULL @buf
+ * (with a length) or @expected.
  */
 int simdev_read(struct simdev_thread *t, uintptr_t addr, void *buf, size_t len);
 int simdev_write(struct simdev_thread *t, uintptr_t addr, const void *buf, size_t len);
