@@ -97,7 +97,8 @@ int hmm_fini(struct hmm *hmm);
  * @prot:  PROT_NONE, or PROT_READ optionally with PROT_WRITE.
  * @flags: 0 (reserved).
  * @addr:  receives the address. Pages read as zeros until written.
- * Return: 0; -EINVAL zero length, bad @prot or @flags; -ENOMEM.
+ * Return: 0; -EINVAL NULL @addr, zero length or one that wraps when rounded
+ * up, bad @prot or @flags; -ENOMEM (a length beyond the address space too).
  */
 int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void **addr);
 
@@ -172,8 +173,9 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 		unsigned int flags, struct hmm_fence **fence);
 
 /*
- * hmm_fence_wait - wait until the work behind @fence is done.
- * Return: 0; the work's -errno.
+ * hmm_fence_wait - wait until the work behind @fence is done. A fence outlives
+ * hmm_fini() while referenced, and still reports its work's result.
+ * Return: 0; the work's -errno; -EINVAL @fence is NULL.
  */
 int hmm_fence_wait(struct hmm_fence *fence);
 void hmm_fence_get(struct hmm_fence *fence);

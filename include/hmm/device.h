@@ -323,7 +323,8 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
 
 /*
  * hmm_mirror_fault - a device MMU miss: make [@start, @end) usable by the
- * device and program it with update(HMM_EVENT_MAP).
+ * device and program it with update(HMM_EVENT_MAP). The range is rounded out
+ * to whole pages.
  *
  * Placement: a device with memory gets the pages in its memory (zero-filled
  * there if never touched, migrated in otherwise, evicting least recently used
