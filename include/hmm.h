@@ -40,6 +40,9 @@ struct hmm;
  * The handler may call malloc() and take library locks (page-table growth,
  * device chunks given back): do not build the
  * process's malloc on top of libhmm memory in this mode.
+ *
+ * In either mode, a CPU fault on a device page whose copy home fails is
+ * retried: the access faults again until the copy succeeds.
  */
 enum hmm_fault_mode {
 	HMM_FAULT_THREAD = 0,

@@ -11,8 +11,9 @@
  *                access is retried. A SIGBUS that is not ours goes to the
  *                handler that was installed before us.
  *
- * Either way a fault we cannot serve yet (-EAGAIN: the mapping is changing)
- * is retried by letting the access fault again.
+ * Either way a fault we cannot serve yet (-EAGAIN: the mapping is changing;
+ * -EIO: a device page could not be copied home) is retried by letting the
+ * access fault again.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -75,8 +76,13 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 		ret = hmm_cpu_fault(hmm, (uintptr_t)si->si_addr);
 	hmm_rcu_read_unlock();
 	errno = saved_errno;
-	if (ret == 0 || ret == -EAGAIN)
-		return;		/* served, or retried by faulting again */
+	/*
+	 * Served, or retried by faulting again: -EAGAIN the mapping is
+	 * changing, -EIO a device page's copy home failed and the page stayed
+	 * on its device (thread mode retries it the same way).
+	 */
+	if (ret == 0 || ret == -EAGAIN || ret == -EIO)
+		return;
 	pass_on_sigbus(sig, si, uc);
 }
 

@@ -43,7 +43,6 @@
 	} while (0)
 
 static struct hmm *hmm;
-static enum hmm_fault_mode mode;
 static uint64_t seed;
 
 /* ---- data ------------------------------------------------------------------- */
@@ -522,16 +521,6 @@ static void cpu_faults_on_device_pages(void)
 
 	fill(p, len, 8);
 	for (size_t k = 0; k < sizeof(knob) / sizeof(knob[0]); k++) {
-		/*
-		 * BUG: in signal mode the SIGBUS handler passes a fault that
-		 * failed with -EIO on to the default action: the process dies
-		 * where thread mode retries.
-		 */
-		if (mode == HMM_FAULT_SIGNAL && knob[k] != SIMDEV_FENCE_EAGAIN) {
-			fprintf(stderr, "    disabled in signal mode: a failed copy home kills the "
-				"process\n");
-			continue;
-		}
 		CHECK_EQ(migrate(p, len, sd, false), 0);
 		if (knob[k] == SIMDEV_FENCE_EAGAIN)
 			CHECK_EQ(simdev_set_dma(sd, 0, 1000), 0);
@@ -637,11 +626,10 @@ static void not_yet_testable(void)
 	printf("skipped: mirror released cleanly after a failure (needs mirrors)\n");
 }
 
-static void all(enum hmm_fault_mode m)
+static void all(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = m };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
 
-	mode = m;
 	fprintf(stderr, "%s mode\n", mode == HMM_FAULT_THREAD ? "thread" : "signal");
 	CHECK_EQ(hmm_init(&o, &hmm), 0);
 	for (int async = 0; async < 2; async++) {
