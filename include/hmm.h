@@ -167,10 +167,10 @@ struct hmm_fence;			/* hmm/device.h */
  * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, @to not
  * mirroring @hmm (hmm_mirror_register()), bad @flags; -EOPNOTSUPP @to has no
  * memory; -EFAULT a page in the range is not libhmm memory
- * (nothing moved); -ENOMEM device memory full and nothing evictable; -EIO a
- * copy failed. Pages before the failing batch have moved. An asynchronous
- * move reports these through its fence, and -ENODEV if @to was released
- * before the move ran (nothing moved to it).
+ * (nothing moved); -ENOMEM device memory full and nothing evictable (busy,
+ * or its copy home failing); -EIO a copy failed. Pages before the failing
+ * batch have moved. An asynchronous move reports these through its fence,
+ * and -ENODEV if @to was released before the move ran (nothing moved to it).
  */
 int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *to,
 		unsigned int flags, struct hmm_fence **fence);
