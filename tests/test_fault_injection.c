@@ -280,6 +280,7 @@ static void migrate_to_device(bool async)
 	inject(sd, SIMDEV_FAIL_ALLOC, 1);
 	CHECK_EQ(migrate(p, 2 * MiB, sd, async), 0);
 	CHECK_EQ(used(sd), 2 * MiB);
+	CHECK_EQ(knob_left(sd, SIMDEV_FAIL_ALLOC), 0);
 	CHECK_EQ(migrate(p, len, NULL, async), 0);
 	inject(sd, SIMDEV_FAIL_ALLOC, LOTS);
 	CHECK_EQ(migrate(p, len, sd, async), -ENOMEM);
@@ -577,6 +578,7 @@ static void eviction_fails(void)
 	CHECK_EQ(simdev_run(sd, scan_kernel, &s), 0);
 	CHECK_EQ(s.bad[0], 0);
 	verify(p, len, 9);
+	CHECK_EQ(knob_left(sd, SIMDEV_FAIL_COPY), 0);
 	unmap(p, len, sd, NULL);
 	destroy(sd);
 }
