@@ -16,11 +16,13 @@
  * that the call returns), hmm_device_mem_used (0), simdev_device (NULL), and
  * the kernel accessors, whose error channel is the thread's failed state and
  * simdev_run(): their rows run a one-access kernel and expect simdev_run()'s
- * result, checking the accessor's own answer against it. Not covered: a
- * NULL @t for the accessors. They have no way to report it (no thread to
- * mark failed, no simdev_run() to return an error), so the only "handling"
- * would be silence, and @t is never the caller's to make: it is the kernel's
- * own argument.
+ * result, checking the accessor's own answer against it and simdev_failed()
+ * against both. Not covered: a NULL @t for the accessors. They have no way
+ * to report it (no thread to mark failed, no simdev_run() to return an
+ * error), so the only "handling" would be silence, and @t is never the
+ * caller's to make: it is the kernel's own argument. Nor the static inline
+ * helpers of device.h (hmm_fence_init, hmm_dpte_addr), which only compute or
+ * store into the caller's own object.
  *
  * Use after hmm_fini. Dereferencing a finalised address space is undefined
  * behaviour, so what is tested is everything that outlives it legitimately:
