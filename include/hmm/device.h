@@ -262,7 +262,9 @@ struct hmm_device {
 };
 
 /*
- * hmm_device_register - make @dev known to the core.
+ * hmm_device_register - make @dev known to the core. The registration is
+ * the process's: it outlives address spaces (hmm_fini() releases @dev's
+ * mirror, not the device), and needs none to be live.
  * Return: 0; -EINVAL NULL, no update(), or some but not all of mem_alloc,
  * mem_free and copy; -EBUSY already registered.
  */
@@ -277,7 +279,10 @@ int hmm_device_register(struct hmm_device *dev);
  */
 int hmm_device_unregister(struct hmm_device *dev);
 
-/* Bytes of @dev's memory holding pages now, over all its mirrors. */
+/*
+ * Bytes of @dev's memory holding pages now, over all its mirrors: 0 for
+ * NULL, a device not registered, mirroring nothing, or memoryless.
+ */
 size_t hmm_device_mem_used(const struct hmm_device *dev);
 
 /*
@@ -303,9 +308,9 @@ struct hmm_mirror {
 
 /*
  * hmm_mirror_register - start mirroring @hmm on mirror->device.
- * Return: 0; -EINVAL NULL, @hmm not live; -ENODEV the device is not
- * registered; -EBUSY @mirror is registered, or the device mirrors @hmm
- * already; -ENOSPC HMM_MAX_DEVICES mirrors; -ENOMEM.
+ * Return: 0; -EINVAL @mirror or mirror->device NULL, @hmm not live; -ENODEV
+ * the device is not registered; -EBUSY @mirror is registered, or the device
+ * mirrors @hmm already; -ENOSPC HMM_MAX_DEVICES mirrors; -ENOMEM.
  */
 int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror);
 
@@ -340,7 +345,8 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
  * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
  * or its protection forbids the access: the pages before it are mapped, in
  * the same round; -ENOMEM device memory full and nothing evictable; -EIO a
- * copy failed; -EINVAL bad range or flags; -ENODEV @mirror released.
+ * copy failed; -EINVAL @mirror NULL, bad range or flags; -ENODEV @mirror is
+ * not registered (or released: by hmm_fini() too).
  * Context: any thread but a signal handler; no core lock held.
  */
 #define HMM_FAULT_WRITE	1u
@@ -370,7 +376,10 @@ struct hmm_mirror_stats {
 	uint64_t events;		/* drops and dirty queries delivered */
 };
 
-/* Return: 0; -EINVAL; -ENODEV released. */
+/*
+ * Return: 0; -EINVAL @mirror or @stats NULL (*@stats is untouched on any
+ * error); -ENODEV @mirror is not registered (or released).
+ */
 int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *stats);
 
 #ifdef __cplusplus

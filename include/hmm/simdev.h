@@ -102,8 +102,9 @@ typedef void (*simdev_kernel_fn)(struct simdev_thread *t, unsigned int index,
 /*
  * simdev_run - run @fn on every device thread and wait for all of them.
  * Return: 0; the first error an access hit (-EFAULT not libhmm memory,
- * -EACCES, -ENOMEM, -EIO: see hmm_mirror_fault()); -EINVAL; -EBUSY a kernel
- * is already running on @sd.
+ * -EACCES, -ENOMEM, -EIO, -ENODEV the mirror is released, by hmm_fini()
+ * for one: see hmm_mirror_fault()); -EINVAL; -EBUSY a kernel is already
+ * running on @sd.
  */
 int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg);
 
