@@ -13,7 +13,8 @@
  * unmapped or changed, no page moved.
  *
  * Functions that return no errno: hmm_fence_get/put (void: the row checks
- * that the call returns), hmm_device_mem_used (0), simdev_device (NULL), and
+ * that the call returns), hmm_device_mem_used (0), simdev_device and
+ * simdev_mirror (NULL), and
  * the kernel accessors, whose error channel is the thread's failed state and
  * simdev_run(): their rows run a one-access kernel and expect simdev_run()'s
  * result, checking the accessor's own answer against it and simdev_failed()
@@ -22,7 +23,21 @@
  * error), so the only "handling" would be silence, and @t is never the
  * caller's to make: it is the kernel's own argument. Nor the static inline
  * helpers of device.h (hmm_fence_init, hmm_dpte_addr), which only compute or
- * store into the caller's own object.
+ * store into the caller's own object. Nor hmm_mirror_walk() and
+ * hmm_mirror_set_dirty(): they may be called only from inside update() for
+ * their mirror, within the event's range, where the core holds the lock
+ * they rely on; set_dirty has no error channel, and walk returns @fn's
+ * answer. Their callers are backends, exercised by test_simdev and
+ * fake_device.h.
+ *
+ * Devices and mirrors. A device is registered once per process
+ * (hmm_device_register()) and attached to the address space by a mirror
+ * (hmm_mirror_register()). The fixture has one of each state a device
+ * argument can be in: fake (registered, mirroring, with memory), a simdev
+ * and a memoryless simdev (mirroring), bare (registered, never mirroring),
+ * dead (registered, its mirror unregistered), never (neither). Mirror rows
+ * check release() is called exactly once per mirror, and never for a
+ * mirror whose registration failed.
  *
  * Use after hmm_fini. Dereferencing a finalised address space is undefined
  * behaviour, so what is tested is everything that outlives it legitimately:
@@ -31,13 +46,16 @@
  *     hmm_fini() (so no indeterminate pointer is read), and these rows run
  *     while no address space is live: a new one could be allocated at the
  *     same address, and then no library could tell them apart;
- *   - devices: hmm_fini() releases them (dev->hmm = NULL) but they are the
- *     backend's objects and stay valid: unregister, device fault, mem_used,
- *     and migrating to one from a new address space;
+ *   - devices and mirrors: hmm_fini() releases every mirror (mirror->hmm =
+ *     NULL, release() called) but not the devices' registration; both are
+ *     the backend's objects and stay valid: unregister the mirror (-ENOENT),
+ *     fault it, read its stats, migrate to its device from a new address
+ *     space, attach it to that one, unregister the device (0, then -ENOENT);
  *   - fences: the caller's reference keeps a fence alive; a fence of a move
  *     queued before hmm_fini() reports that move's result afterwards;
- *   - simdev: simdev_destroy() after hmm_fini() only frees it; until then its
- *     knobs work and a kernel's accesses fail with the core's -EINVAL.
+ *   - simdev: simdev_destroy() after hmm_fini() unregisters the device and
+ *     frees it; until then its knobs work and a kernel's accesses fail with
+ *     the core's -ENODEV.
  * Options to hmm_init() are also checked then, with no address space live,
  * so -EINVAL cannot be mistaken for -EEXIST.
  *
@@ -65,12 +83,25 @@
 
 /* ---- a device that holds nothing ----------------------------------------- */
 
-static int stub_update(struct hmm_device *dev, const struct hmm_event *ev, struct hmm_fence **f)
+/* A stub device and its mirror; release() is counted. */
+struct stub {
+	struct hmm_device dev;
+	struct hmm_mirror mirror;
+	atomic_int released;
+};
+
+static int stub_update(struct hmm_mirror *mirror, const struct hmm_event *ev,
+		       struct hmm_fence **f)
 {
 	*f = NULL;
-	(void)dev;
+	(void)mirror;
 	(void)ev;
 	return 0;
+}
+
+static void stub_release(struct hmm_mirror *mirror)
+{
+	atomic_fetch_add(&((struct stub *)mirror->device)->released, 1);
 }
 
 static int stub_mem_alloc(struct hmm_device *dev, uint64_t *chunk)
@@ -100,11 +131,27 @@ static const struct hmm_device_ops stub_ops = {
 	.mem_alloc = stub_mem_alloc,
 	.mem_free = stub_mem_free,
 	.copy = stub_copy,
+	.release = stub_release,
 };
 
-static struct hmm_device stub_new(const struct hmm_device_ops *ops)
+/* A memoryless device: update() alone (and release()). */
+static const struct hmm_device_ops stub_memoryless_ops = {
+	.update = stub_update,
+	.release = stub_release,
+};
+
+static void stub_init(struct stub *s, const struct hmm_device_ops *ops)
 {
-	return (struct hmm_device){ .ops = ops, .name = "stub" };
+	*s = (struct stub){ .dev = { .ops = ops, .name = "stub" } };
+	s->mirror.device = &s->dev;
+}
+
+/* A stub registered and attached to @hmm. */
+static void stub_attach(struct hmm *hmm, struct stub *s)
+{
+	stub_init(s, &stub_ops);
+	CHECK_EQ(hmm_device_register(&s->dev), 0);
+	CHECK_EQ(hmm_mirror_register(hmm, &s->mirror), 0);
 }
 
 /* ---- the fixture ---------------------------------------------------------------- */
@@ -117,9 +164,13 @@ struct ctx {
 	char *ro, *none;		/* 1 page each, PROT_READ and PROT_NONE */
 	char *gone;			/* the page after rw: was libhmm's, unmapped */
 	char *foreign;			/* 2 pages of ordinary anonymous memory */
-	struct fake_device *fake;	/* registered, 1 chunk */
-	struct hmm_device never;	/* never registered */
-	struct simdev *sd;		/* registered, 1 thread */
+	struct fake_device *fake;	/* registered and mirroring, 1 chunk */
+	struct stub never;		/* neither device nor mirror ever registered */
+	struct stub bare;		/* device registered, never mirroring */
+	struct stub dead;		/* device registered, mirror unregistered */
+	struct hmm_mirror copy;		/* a copy of fake's mirror, made by mirror_of() */
+	struct simdev *sd;		/* registered and mirroring, 1 thread */
+	struct simdev *ml;		/* the same, SIMDEV_MEMORYLESS */
 	struct hmm_fence *late_ok, *late_eio;	/* moves queued just before hmm_fini */
 };
 
@@ -128,18 +179,26 @@ enum h_arg { H_LIVE, H_NULL, H_FOREIGN, H_STALE };
 enum a_arg { A_RW, A_RW_PLUS1, A_RW_PLUS4, A_NULL, A_FOREIGN, A_RO, A_NONE, A_GONE, A_WRAP };
 enum l_arg { L_PAGE, L_ZERO, L_PAGE_PLUS1, L_OFF_END, L_WRAP, L_MAX, L_HUGE, L_REVERSED,
 	     L_END_MAX, L_BEYOND_VA, L_WORD, L_WORDS };
-enum d_arg { D_FAKE, D_NULL, D_NEVER, D_PARTIAL, D_SIM };
+enum d_arg { D_FAKE, D_NULL, D_NEVER, D_PARTIAL, D_SIM, D_BARE, D_DEAD, D_MEMLESS };
+/*
+ * The mirror argument. M_OWN is the valid one: fake's mirror, or for
+ * hmm_mirror_register() a new mirror of a registered device.
+ */
+enum m_arg { M_OWN, M_NULL, M_NEVER, M_DEAD, M_COPY, M_SIM, M_MEMLESS, M_REGISTERED,
+	     M_SECOND, M_NO_DEVICE, M_DEVICE_NEVER };
 enum p_arg { P_RW, P_WRITE_ONLY, P_EXEC, P_MINUS1, P_READ };
 enum op_arg { OP_READ, OP_WRITE, OP_LOAD, OP_STORE, OP_ADD, OP_CAS };
 /* One bad option of hmm_init() or simdev_create(). */
 enum o_arg { O_NONE, O_SIZE0, O_NEWER_TAIL, O_MODE, O_FA_NPOT, O_FA_SMALL, O_FA_BIG,
-	     O_DFA_NPOT, O_DFA_BIG, O_MEM_SMALL, O_THREADS, O_FB_NPOT, O_FB_BIG };
+	     O_DFA_NPOT, O_DFA_BIG, O_MEM_SMALL, O_THREADS, O_FB_NPOT, O_FB_BIG,
+	     O_MEMLESS, O_MEMLESS_MEM, O_FLAGS };
 
 struct args {
 	enum h_arg h;
 	enum a_arg addr;
 	enum l_arg len;
 	enum d_arg dev;
+	enum m_arg m;
 	enum p_arg prot;
 	unsigned int flags;
 	bool fence;		/* asynchronous hmm_migrate() */
@@ -243,14 +302,48 @@ static struct hmm_device *dev_of(struct ctx *c, enum d_arg d)
 	case D_NULL:
 		return NULL;
 	case D_NEVER:
-		return &c->never;
+		return &c->never.dev;
 	case D_PARTIAL:
 		partial = stub_ops;
 		partial.mem_free = NULL;
-		c->never.ops = &partial;	/* restored by the invoker */
-		return &c->never;
+		c->never.dev.ops = &partial;	/* restored by the invoker */
+		return &c->never.dev;
 	case D_SIM:
 		return simdev_device(c->sd);
+	case D_BARE:
+		return &c->bare.dev;
+	case D_DEAD:
+		return &c->dead.dev;
+	case D_MEMLESS:
+		return simdev_device(c->ml);
+	}
+	CHECK(0);
+	return NULL;
+}
+
+static struct hmm_mirror *mirror_of(struct ctx *c, enum m_arg m)
+{
+	switch (m) {
+	case M_OWN:
+	case M_REGISTERED:
+		return &c->fake->mirror;
+	case M_NULL:
+		return NULL;
+	case M_NEVER:
+		return &c->never.mirror;
+	case M_DEAD:
+		return &c->dead.mirror;
+	case M_COPY:
+		c->copy = c->fake->mirror;	/* every field, the core's too */
+		return &c->copy;
+	case M_SIM:
+		return simdev_mirror(c->sd);
+	case M_MEMLESS:
+		return simdev_mirror(c->ml);
+	case M_SECOND:
+	case M_NO_DEVICE:
+	case M_DEVICE_NEVER:
+		break;		/* hmm_mirror_register() only, see do_mirror_register() */
 	}
 	CHECK(0);
 	return NULL;
@@ -355,7 +448,7 @@ static long do_migrate(struct ctx *c, const struct args *a)
 	int r;
 
 	r = hmm_migrate(hmm, addr, len, to, a->flags, a->fence ? &f : NULL);
-	c->never.ops = &stub_ops;
+	c->never.dev.ops = &stub_ops;
 	if (r) {
 		CHECK(f == SENTINEL);
 		if (c->hmm)
@@ -403,53 +496,82 @@ static long do_fini(struct ctx *c, const struct args *a)
 static long do_register(struct ctx *c, const struct args *a)
 {
 	struct hmm_device *dev = dev_of(c, a->dev);
-	int r = hmm_device_register(h_of(c, a->h), a->null_out ? NULL : dev);
+	int r = hmm_device_register(a->null_out ? NULL : dev);
 
-	c->never.ops = &stub_ops;
-	if (r && a->dev != D_FAKE && a->dev != D_SIM)
-		CHECK(!c->never.hmm && !c->never.id);
+	c->never.dev.ops = &stub_ops;
+	if (r && a->dev == D_NEVER)
+		CHECK(!c->never.dev.registered);
 	if (!r)
 		CHECK_EQ(hmm_device_unregister(dev), 0);
 	return r;
 }
 
-/* Every incomplete ops table: each required op missing in turn. */
+/*
+ * Every incomplete ops table: no update(), and each of the six ways to give
+ * some but not all of mem_alloc, mem_free and copy.
+ */
 static long do_register_each_missing_op(struct ctx *c, const struct args *a)
 {
-	struct hmm_device_ops ops[4];
 	long r = 0;
 
-	for (int i = 0; i < 4; i++) {
-		struct hmm_device dev;
+	(void)c;
+	(void)a;
+	for (int i = 0; i < 7; i++) {
+		struct hmm_device_ops ops = stub_ops;
+		struct stub s;
 
-		ops[i] = stub_ops;
-		if (i == 0)
-			ops[i].update = NULL;
-		else if (i == 1)
-			ops[i].copy = NULL;
-		else if (i == 2)
-			ops[i].mem_alloc = NULL;
-		else
-			ops[i].mem_free = NULL;
-		dev = stub_new(&ops[i]);
-		r = hmm_device_register(h_of(c, a->h), &dev);
+		if (i == 0) {
+			ops.update = NULL;
+		} else {
+			/* i = 1..6: the memory ops present are the bits of i (not 0, not 7) */
+			if (!(i & 1))
+				ops.mem_alloc = NULL;
+			if (!(i & 2))
+				ops.mem_free = NULL;
+			if (!(i & 4))
+				ops.copy = NULL;
+		}
+		stub_init(&s, &ops);
+		r = hmm_device_register(&s.dev);
 		if (r != -EINVAL)
 			break;
-		CHECK(!dev.hmm);
+		CHECK(!s.dev.registered);
 	}
 	return r;
 }
 
 static long do_register_no_ops(struct ctx *c, const struct args *a)
 {
-	struct hmm_device dev = stub_new(NULL);
+	struct stub s;
 
-	return hmm_device_register(h_of(c, a->h), &dev);
+	(void)c;
+	(void)a;
+	stub_init(&s, NULL);
+	return hmm_device_register(&s.dev);
 }
 
-static struct hmm_device stubs[HMM_MAX_DEVICES];
+/* A memoryless device: update() alone is a complete ops table. */
+static long do_register_memoryless(struct ctx *c, const struct args *a)
+{
+	struct stub s;
+	long r;
 
-/* Fills every device id; @then runs with none left, and is what the row returns. */
+	(void)a;
+	stub_init(&s, &stub_memoryless_ops);
+	r = hmm_device_register(&s.dev);
+	if (!r && c->hmm) {
+		CHECK_EQ(hmm_mirror_register(c->hmm, &s.mirror), 0);
+		CHECK_EQ(hmm_mirror_unregister(&s.mirror), 0);
+		CHECK_EQ(atomic_load(&s.released), 1);
+	}
+	if (!r)
+		CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	return r;
+}
+
+static struct stub stubs[HMM_MAX_DEVICES];
+
+/* Fills every mirror id; @then runs with none left, and is what the row returns. */
 static long with_ids_full(struct ctx *c, long (*then)(struct ctx *c))
 {
 	unsigned int n;
@@ -457,32 +579,42 @@ static long with_ids_full(struct ctx *c, long (*then)(struct ctx *c))
 	int err = 0;
 
 	for (n = 0; n < HMM_MAX_DEVICES; n++) {
-		stubs[n] = stub_new(&stub_ops);
-		err = hmm_device_register(c->hmm, &stubs[n]);
+		stub_init(&stubs[n], &stub_ops);
+		CHECK_EQ(hmm_device_register(&stubs[n].dev), 0);
+		err = hmm_mirror_register(c->hmm, &stubs[n].mirror);
 		if (err)
 			break;
 	}
 	CHECK_EQ(err, -ENOSPC);
-	CHECK_EQ(n, HMM_MAX_DEVICES - 2);	/* fake and simdev have the others */
+	CHECK(!stubs[n].mirror.hmm);
+	CHECK_EQ(hmm_device_unregister(&stubs[n].dev), 0);
+	CHECK_EQ(n, HMM_MAX_DEVICES - 3);	/* fake and the simdevs have the others */
 	r = then(c);
-	for (unsigned int i = 0; i < n; i++)
-		CHECK_EQ(hmm_device_unregister(&stubs[i]), 0);
+	for (unsigned int i = 0; i < n; i++) {
+		CHECK_EQ(hmm_device_unregister(&stubs[i].dev), 0);
+		CHECK_EQ(atomic_load(&stubs[i].released), 1);
+	}
 	return r;
 }
 
-static long register_one_more(struct ctx *c)
+static long mirror_one_more(struct ctx *c)
 {
-	struct hmm_device dev = stub_new(&stub_ops);
-	long r = hmm_device_register(c->hmm, &dev);
+	struct stub s;
+	long r;
 
-	CHECK(!dev.hmm);
+	stub_init(&s, &stub_ops);
+	CHECK_EQ(hmm_device_register(&s.dev), 0);
+	r = hmm_mirror_register(c->hmm, &s.mirror);
+	CHECK(!s.mirror.hmm && !s.mirror.core);
+	CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	CHECK_EQ(atomic_load(&s.released), 0);
 	return r;
 }
 
-static long do_register_full(struct ctx *c, const struct args *a)
+static long do_mirror_register_full(struct ctx *c, const struct args *a)
 {
 	(void)a;
-	return with_ids_full(c, register_one_more);
+	return with_ids_full(c, mirror_one_more);
 }
 
 static long simdev_one_more(struct ctx *c)
@@ -508,12 +640,14 @@ static long do_unregister(struct ctx *c, const struct args *a)
 
 static long do_unregister_twice(struct ctx *c, const struct args *a)
 {
-	struct hmm_device dev = stub_new(&stub_ops);
+	struct stub s;
 
+	(void)c;
 	(void)a;
-	CHECK_EQ(hmm_device_register(c->hmm, &dev), 0);
-	CHECK_EQ(hmm_device_unregister(&dev), 0);
-	return hmm_device_unregister(&dev);
+	stub_init(&s, &stub_ops);
+	CHECK_EQ(hmm_device_register(&s.dev), 0);
+	CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	return hmm_device_unregister(&s.dev);
 }
 
 /*
@@ -529,15 +663,132 @@ static long do_unregister_simdev_twice(struct ctx *c, const struct args *a)
 	(void)a;
 	CHECK_EQ(simdev_create(c->hmm, &o, &sd), 0);
 	CHECK_EQ(hmm_device_unregister(simdev_device(sd)), 0);
+	CHECK(!simdev_mirror(sd)->hmm);		/* its mirror went with it */
 	r = hmm_device_unregister(simdev_device(sd));
 	CHECK_EQ(simdev_destroy(sd), 0);
 	return r;
 }
 
-static long do_device_fault(struct ctx *c, const struct args *a)
+/* ---- mirrors ------------------------------------------------------------------------------ */
+
+/*
+ * hmm_mirror_register(). M_OWN: a new stub device, registered, and its
+ * mirror. A failure leaves the mirror unregistered and calls no release();
+ * the mirrors it collides with stay as they were.
+ */
+static long do_mirror_register(struct ctx *c, const struct args *a)
 {
-	struct hmm_device *dev = dev_of(c, a->dev);
+	struct hmm_mirror *m;
+	struct stub s;
+	long r;
+
+	stub_init(&s, &stub_ops);
+	if (a->m != M_DEVICE_NEVER)
+		CHECK_EQ(hmm_device_register(&s.dev), 0);
+	switch (a->m) {
+	case M_NULL:
+		m = NULL;
+		break;
+	case M_REGISTERED:
+		m = &c->fake->mirror;
+		break;
+	case M_SECOND:			/* a second mirror of a device that mirrors hmm */
+		s.mirror.device = &c->fake->dev;
+		m = &s.mirror;
+		break;
+	case M_NO_DEVICE:
+		s.mirror.device = NULL;
+		m = &s.mirror;
+		break;
+	default:
+		m = &s.mirror;
+	}
+	r = hmm_mirror_register(h_of(c, a->h), m);
+	if (r) {
+		CHECK(!s.mirror.hmm && !s.mirror.id && !s.mirror.core);
+	} else {
+		CHECK(m == &s.mirror && s.mirror.hmm == c->hmm && s.mirror.id);
+		CHECK_EQ(hmm_mirror_unregister(m), 0);
+		CHECK(!s.mirror.hmm && !s.mirror.core);
+		CHECK_EQ(atomic_load(&s.released), 1);
+	}
+	if (c->hmm) {
+		CHECK(c->fake->mirror.hmm == c->hmm);
+		CHECK_EQ(atomic_load(&c->fake->released), 0);
+	}
+	if (a->m != M_DEVICE_NEVER)
+		CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	CHECK_EQ(atomic_load(&s.released), !r);
+	return r;
+}
+
+/*
+ * hmm_mirror_unregister(). M_OWN: a stub attached for the row (the control).
+ * Whatever the row, release() runs at most once for a mirror, and the
+ * fixture's mirrors stay as they were.
+ */
+static long do_mirror_unregister(struct ctx *c, const struct args *a)
+{
+	struct stub s;
+	long r;
+
+	if (a->m != M_OWN) {
+		r = hmm_mirror_unregister(mirror_of(c, a->m));
+		CHECK_EQ(atomic_load(&c->dead.released), 1);
+		CHECK_EQ(atomic_load(&c->never.released), 0);
+		CHECK_EQ(atomic_load(&c->fake->released), c->hmm ? 0 : 1);
+		if (c->hmm)
+			CHECK(c->fake->mirror.hmm == c->hmm);
+		return r;
+	}
+	stub_attach(c->hmm, &s);
+	r = hmm_mirror_unregister(&s.mirror);
+	CHECK_EQ(atomic_load(&s.released), 1);
+	CHECK(!s.mirror.hmm);
+	CHECK_EQ(hmm_device_unregister(&s.dev), 0);	/* the device stays registered */
+	CHECK_EQ(atomic_load(&s.released), 1);
+	return r;
+}
+
+/* Unregistered twice (@a->null_out: its device unregistered first). */
+static long do_mirror_unregister_twice(struct ctx *c, const struct args *a)
+{
+	struct stub s;
+	long r;
+
+	stub_attach(c->hmm, &s);
+	if (a->null_out)
+		CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	else
+		CHECK_EQ(hmm_mirror_unregister(&s.mirror), 0);
+	CHECK_EQ(atomic_load(&s.released), 1);
+	r = hmm_mirror_unregister(&s.mirror);
+	CHECK_EQ(atomic_load(&s.released), 1);
+	if (!a->null_out)
+		CHECK_EQ(hmm_device_unregister(&s.dev), 0);
+	CHECK_EQ(atomic_load(&s.released), 1);
+	return r;
+}
+
+static uint64_t pages_mapped(struct hmm_mirror *m)
+{
+	struct hmm_mirror_stats st;
+
+	return m && hmm_mirror_stats_read(m, &st) == 0 ? st.pages_mapped : 0;
+}
+
+/*
+ * hmm_mirror_fault(). What it leaves: on success the pages rounded out are
+ * mapped (and, for fake, in its memory); -EFAULT part way through a range
+ * leaves the pages before the bad one mapped; any other failure maps and
+ * moves nothing.
+ */
+static long do_mirror_fault(struct ctx *c, const struct args *a)
+{
+	struct hmm_mirror *m = mirror_of(c, a->m);
 	uintptr_t start = addr_of(c, a->addr), end;
+	uint64_t mapped = c->hmm ? pages_mapped(m) : 0;
+	size_t want;
 	long r;
 
 	switch (a->len) {
@@ -554,17 +805,60 @@ static long do_device_fault(struct ctx *c, const struct args *a)
 	default:
 		end = start + len_of(a->len);
 	}
-	r = hmm_device_fault(dev, start, end, a->flags);
-	c->never.ops = &stub_ops;
-	if (c->hmm) {
-		/* Rounded out to pages when it succeeds; nothing moved when it fails. */
-		CHECK_EQ(hmm_device_mem_used(&c->fake->dev),
-			 r ? 0 : ((end + PAGE - 1) & -PAGE) - (start & -PAGE));
-		if (!r)		/* control rows: the page came; send it home */
-			CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
-		rw_check(c);
+	r = hmm_mirror_fault(m, start, end, a->flags);
+	if (!c->hmm)
+		return r;
+	if (!r)
+		want = ((end + PAGE - 1) & -PAGE) - (start & -PAGE);
+	else if (r == -EFAULT && a->len == L_OFF_END)
+		want = 2 * PAGE;	/* rw's two pages, before the gone one */
+	else
+		want = 0;
+	if (a->m == M_OWN) {
+		CHECK_EQ(hmm_device_mem_used(&c->fake->dev), want);
+		CHECK_EQ(!!fake_translate(c->fake, (uintptr_t)c->rw), want != 0);
+	} else {
+		CHECK_EQ(hmm_device_mem_used(&c->fake->dev), 0);
 	}
+	if (a->m == M_OWN || a->m == M_SIM || a->m == M_MEMLESS)
+		CHECK_EQ(pages_mapped(m) - mapped, want / PAGE);
+	if (a->m == M_MEMLESS)
+		CHECK_EQ(hmm_device_mem_used(simdev_device(c->ml)), 0);	/* host frames */
+	if (want)		/* bring the pages home, taking the entries away */
+		CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
+	if (a->m == M_OWN)
+		CHECK(!fake_translate(c->fake, (uintptr_t)c->rw));
+	rw_check(c);
 	return r;
+}
+
+/* hmm_mirror_stats_read(); a failure leaves *@stats alone. */
+static long do_mirror_stats(struct ctx *c, const struct args *a)
+{
+	struct hmm_mirror_stats st, untouched;
+	long r;
+
+	memset(&st, 0x5e, sizeof(st));
+	untouched = st;
+	r = hmm_mirror_stats_read(mirror_of(c, a->m), a->null_out ? NULL : &st);
+	if (r)
+		CHECK(!memcmp(&st, &untouched, sizeof(st)));
+	else
+		CHECK(st.fault_rounds >= st.faults);
+	return r;
+}
+
+/* simdev_mirror(): NULL for NULL; else the mirror of simdev_device(), on @hmm. */
+static long do_simdev_mirror(struct ctx *c, const struct args *a)
+{
+	struct hmm_mirror *m;
+
+	if (a->dev == D_NULL)
+		return simdev_mirror(NULL) != NULL;
+	m = simdev_mirror(c->sd);
+	CHECK(m && m->device == simdev_device(c->sd));
+	CHECK(m->hmm == c->hmm);
+	return 0;
 }
 
 static long do_mem_used(struct ctx *c, const struct args *a)
@@ -593,6 +887,16 @@ static long do_simdev_create(struct ctx *c, const struct args *a)
 		break;
 	case O_THREADS:
 		o.threads = 65;
+		break;
+	case O_MEMLESS:
+		o.flags = SIMDEV_MEMORYLESS;
+		o.mem_bytes = 0;
+		break;
+	case O_MEMLESS_MEM:
+		o.flags = SIMDEV_MEMORYLESS;	/* with mem_bytes a chunk */
+		break;
+	case O_FLAGS:
+		o.flags = SIMDEV_MEMORYLESS << 1;
 		break;
 	default:
 		break;
@@ -856,20 +1160,38 @@ static long do_late_fence(struct ctx *c, const struct args *a)
 	return r;
 }
 
-/* A device that hmm_fini() released, offered to a new address space. */
+/*
+ * fake's device, whose mirror hmm_fini() released, offered to a new address
+ * space: it does not mirror that one (@a->null_out: attached to it first,
+ * which must work, and then the move does).
+ */
 static long do_migrate_to_released(struct ctx *c, const struct args *a)
 {
+	struct fake_device *fd = c->fake;
 	struct hmm *h;
 	void *p;
 	long r;
 
-	(void)a;
-	CHECK(!c->fake->dev.hmm);
+	CHECK(!fd->mirror.hmm && !fd->mirror.core);
+	CHECK(fd->dev.registered);
+	CHECK_EQ(atomic_load(&fd->released), 1);
 	CHECK_EQ(hmm_init(NULL, &h), 0);
 	CHECK_EQ(hmm_mmap(h, PAGE, PROT_READ | PROT_WRITE, 0, &p), 0);
-	r = hmm_migrate(h, p, PAGE, &c->fake->dev, 0, NULL);
+	if (a->null_out) {
+		r = hmm_mirror_register(h, &fd->mirror);
+		if (!r) {
+			CHECK_EQ(hmm_migrate(h, p, PAGE, &fd->dev, 0, NULL), 0);
+			CHECK_EQ(hmm_device_mem_used(&fd->dev), PAGE);
+		}
+	} else {
+		r = hmm_migrate(h, p, PAGE, &fd->dev, 0, NULL);
+	}
 	CHECK_EQ(hmm_munmap(h, p, PAGE), 0);
+	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
 	CHECK_EQ(hmm_fini(h), 0);
+	CHECK_EQ(atomic_load(&fd->released), a->null_out && !r ? 2 : 1);
+	atomic_store(&fd->released, 1);		/* what the later rows expect */
+	CHECK(!fd->mirror.hmm);
 	return r;
 }
 
@@ -889,10 +1211,15 @@ static long do_run_after_fini(struct ctx *c, const struct args *a)
 }
 
 /*
- * An asynchronous move to a device that is unregistered before the move
- * runs, and whose id a new device has taken meanwhile: the move must not go
- * to the newcomer. The migration thread is held in the copy of an earlier
- * move (a gate in a fake device's copy) while all that happens.
+ * An asynchronous move to a device whose mirror is released before the move
+ * runs (@a->null_out: by hmm_mirror_unregister(), else by
+ * hmm_device_unregister()). The queued move holds a user reference on its
+ * destination mirror: the release waits for it, and the move fails with
+ * -ENODEV, moving nothing. The migration thread is held in the copy of an
+ * earlier move (a gate in a fake device's copy) while the release starts;
+ * the release runs on a thread of its own, since it waits for the move.
+ * The mirror id is free again only after the release: a device that takes
+ * it then finds nothing there.
  */
 static atomic_int gate_open;
 
@@ -903,31 +1230,60 @@ static int gated_copy(struct hmm_device *dev, const struct hmm_copy *c, struct h
 	return fake_ops.copy(dev, c, f);
 }
 
-static long do_migrate_async_unregistered(struct ctx *c, const struct args *a)
+struct releaser {
+	struct fake_device *fd;
+	bool mirror;
+	int ret;
+};
+
+static void *release_thread(void *arg)
+{
+	struct releaser *x = arg;
+
+	x->ret = x->mirror ? hmm_mirror_unregister(&x->fd->mirror) :
+			     hmm_device_unregister(&x->fd->dev);
+	return NULL;
+}
+
+static long do_migrate_async_released(struct ctx *c, const struct args *a)
 {
 	struct hmm_device_ops gate_ops = fake_ops;
 	struct fake_device *gate = fake_new(1), *y = fake_new(1), *z = fake_new(1);
+	struct releaser x = { .fd = y, .mirror = a->null_out, .ret = 1 };
+	uintptr_t foreign = (uintptr_t)c->foreign;
 	struct hmm_fence *first, *moved;
 	unsigned int y_id;
+	pthread_t t;
 	long r;
 
-	(void)a;
 	gate_ops.copy = gated_copy;
 	gate->dev.ops = &gate_ops;
 	atomic_store(&gate_open, 0);
-	CHECK_EQ(hmm_device_register(c->hmm, &gate->dev), 0);
-	CHECK_EQ(hmm_device_register(c->hmm, &y->dev), 0);
-	y_id = y->dev.id;
+	fake_attach(c->hmm, gate);
+	fake_attach(c->hmm, y);
+	y_id = y->mirror.id;
 	CHECK_EQ(hmm_migrate(c->hmm, c->rw, PAGE, &gate->dev, 0, &first), 0);
 	CHECK_EQ(hmm_migrate(c->hmm, c->rw + PAGE, PAGE, &y->dev, 0, &moved), 0);
-	CHECK_EQ(hmm_device_unregister(&y->dev), 0);
-	CHECK_EQ(hmm_device_register(c->hmm, &z->dev), 0);
-	CHECK_EQ(z->dev.id, y_id);		/* the lowest free id: the case we want */
+	CHECK_EQ(pthread_create(&t, NULL, release_thread, &x), 0);
+	/* The release has begun once the mirror refuses faults (else: foreign memory). */
+	while ((r = hmm_mirror_fault(&y->mirror, foreign, foreign + PAGE, 0)) != -ENODEV) {
+		CHECK_EQ(r, -EFAULT);
+		sched_yield();
+	}
+	CHECK_EQ(atomic_load(&y->released), 0);	/* it waits for the queued move */
 	atomic_store(&gate_open, 1);
 	CHECK_EQ(hmm_fence_wait(first), 0);
 	r = hmm_fence_wait(moved);
 	hmm_fence_put(first);
 	hmm_fence_put(moved);
+	CHECK_EQ(pthread_join(t, NULL), 0);
+	CHECK_EQ(x.ret, 0);
+	CHECK_EQ(atomic_load(&y->released), 1);
+	CHECK_EQ(hmm_device_mem_used(&y->dev), 0);
+	CHECK_EQ(hmm_device_unregister(&y->dev), a->null_out ? 0 : -ENOENT);
+	CHECK_EQ(atomic_load(&y->released), 1);
+	fake_attach(c->hmm, z);
+	CHECK_EQ(z->mirror.id, y_id);		/* the lowest free id */
 	CHECK_EQ(hmm_device_mem_used(&z->dev), 0);
 	CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
 	rw_check(c);
@@ -1037,6 +1393,15 @@ static const struct row rows[] = {
 	    .dev = D_NEVER, .fence = true),
 	ROW("hmm_migrate", "device with incomplete ops, never registered", do_migrate, -EINVAL,
 	    .dev = D_PARTIAL),
+	ROW("hmm_migrate", "device registered, never mirroring", do_migrate, -EINVAL,
+	    .dev = D_BARE),
+	ROW("hmm_migrate", "device registered, never mirroring, asynchronous", do_migrate,
+	    -EINVAL, .dev = D_BARE, .fence = true),
+	ROW("hmm_migrate", "device registered, its mirror released", do_migrate, -EINVAL,
+	    .dev = D_DEAD),
+	ROW("hmm_migrate", "memoryless device", do_migrate, -EOPNOTSUPP, .dev = D_MEMLESS),
+	ROW("hmm_migrate", "memoryless device, asynchronous", do_migrate, -EOPNOTSUPP,
+	    .dev = D_MEMLESS, .fence = true),
 	ROW("hmm_migrate", "NULL address", do_migrate, -EFAULT, .addr = A_NULL),
 	ROW("hmm_migrate", "foreign memory", do_migrate, -EFAULT, .addr = A_FOREIGN),
 	ROW("hmm_migrate", "foreign memory, to the host", do_migrate, -EFAULT,
@@ -1048,10 +1413,10 @@ static const struct row rows[] = {
 	ROW("hmm_migrate", "runs off the end of a mapping", do_migrate, -EFAULT, .len = L_OFF_END),
 	ROW("hmm_migrate", "unmapped memory", do_migrate, -EFAULT, .addr = A_GONE),
 	ROW("hmm_migrate", "device unregistered while the move was queued",
-	    do_migrate_async_unregistered, -ENODEV, 0),
+	    do_migrate_async_released, -ENODEV, 0),
+	ROW("hmm_migrate", "mirror unregistered while the move was queued",
+	    do_migrate_async_released, -ENODEV, .null_out = true),
 	AFTER("hmm_migrate", "after hmm_fini", do_migrate, -EINVAL, .h = H_STALE, .dev = D_NULL),
-	AFTER("hmm_migrate", "device released by hmm_fini, new address space",
-	    do_migrate_to_released, -EINVAL, 0),
 
 	/* fences */
 	ROW("hmm_fence_wait", "NULL", do_fence_wait, -EINVAL, 0),
@@ -1069,19 +1434,21 @@ static const struct row rows[] = {
 
 	/* hmm_device_register */
 	ROW("hmm_device_register", "valid (control)", do_register, 0, .dev = D_NEVER),
-	ROW("hmm_device_register", "NULL hmm", do_register, -EINVAL, .h = H_NULL, .dev = D_NEVER),
-	ROW("hmm_device_register", "foreign hmm", do_register, -EINVAL,
-	    .h = H_FOREIGN, .dev = D_NEVER),
+	ROW("hmm_device_register", "memoryless: update() alone (control)", do_register_memoryless,
+	    0, 0),
 	ROW("hmm_device_register", "NULL device", do_register, -EINVAL, .null_out = true),
 	ROW("hmm_device_register", "NULL ops", do_register_no_ops, -EINVAL, 0),
-	ROW("hmm_device_register", "each required op missing", do_register_each_missing_op, -EINVAL,
-	    0),
+	ROW("hmm_device_register", "no update(); some but not all memory ops (7 tables)",
+	    do_register_each_missing_op, -EINVAL, 0),
 	ROW("hmm_device_register", "registered already", do_register, -EBUSY, .dev = D_FAKE),
 	ROW("hmm_device_register", "a simdev's device, registered already", do_register, -EBUSY,
 	    .dev = D_SIM),
-	ROW("hmm_device_register", "every id taken", do_register_full, -ENOSPC, 0),
-	AFTER("hmm_device_register", "after hmm_fini", do_register, -EINVAL,
-	    .h = H_STALE, .dev = D_NEVER),
+	ROW("hmm_device_register", "registered already, no mirror", do_register, -EBUSY,
+	    .dev = D_BARE),
+	AFTER("hmm_device_register", "no address space live (control)", do_register, 0,
+	    .dev = D_NEVER),
+	AFTER("hmm_device_register", "mirror released by hmm_fini, device registered still",
+	    do_register, -EBUSY, .dev = D_FAKE),
 
 	/* hmm_device_unregister */
 	ROW("hmm_device_unregister", "NULL", do_unregister, -EINVAL, .dev = D_NULL),
@@ -1089,37 +1456,104 @@ static const struct row rows[] = {
 	ROW("hmm_device_unregister", "twice", do_unregister_twice, -ENOENT, 0),
 	ROW("hmm_device_unregister", "a simdev's device, twice",
 	    do_unregister_simdev_twice, -ENOENT, 0),
-	AFTER("hmm_device_unregister", "released by hmm_fini", do_unregister, -ENOENT,
-	    .dev = D_FAKE),
 
-	/* hmm_device_fault */
-	ROW("hmm_device_fault", "valid (control)", do_device_fault, 0, 0),
-	ROW("hmm_device_fault", "unaligned start, rounded out (control)", do_device_fault, 0,
+	/* hmm_mirror_register */
+	ROW("hmm_mirror_register", "valid (control)", do_mirror_register, 0, 0),
+	ROW("hmm_mirror_register", "NULL hmm", do_mirror_register, -EINVAL, .h = H_NULL),
+	ROW("hmm_mirror_register", "foreign hmm", do_mirror_register, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_mirror_register", "NULL mirror", do_mirror_register, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_register", "NULL mirror->device", do_mirror_register, -EINVAL,
+	    .m = M_NO_DEVICE),
+	ROW("hmm_mirror_register", "device not registered", do_mirror_register, -ENODEV,
+	    .m = M_DEVICE_NEVER),
+	ROW("hmm_mirror_register", "mirror registered already", do_mirror_register, -EBUSY,
+	    .m = M_REGISTERED),
+	ROW("hmm_mirror_register", "device mirrors that hmm already", do_mirror_register, -EBUSY,
+	    .m = M_SECOND),
+	ROW("hmm_mirror_register", "every id taken", do_mirror_register_full, -ENOSPC, 0),
+	AFTER("hmm_mirror_register", "hmm not live (after hmm_fini)", do_mirror_register, -EINVAL,
+	    .h = H_STALE),
+
+	/* hmm_mirror_unregister */
+	ROW("hmm_mirror_unregister", "valid (control)", do_mirror_unregister, 0, 0),
+	ROW("hmm_mirror_unregister", "NULL", do_mirror_unregister, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_unregister", "never registered", do_mirror_unregister, -ENOENT,
+	    .m = M_NEVER),
+	ROW("hmm_mirror_unregister", "twice", do_mirror_unregister_twice, -ENOENT, 0),
+	ROW("hmm_mirror_unregister", "released with its device", do_mirror_unregister_twice,
+	    -ENOENT, .null_out = true),
+	ROW("hmm_mirror_unregister", "released, its device registered still",
+	    do_mirror_unregister, -ENOENT, .m = M_DEAD),
+	{ .fn = "hmm_mirror_unregister", .cls = "a copy of a registered mirror",
+	  .call = do_mirror_unregister, .expect = -ENOENT, .a = { .m = M_COPY },
+	  .bug = "it releases the mirror the copy was made from" },
+
+	/* hmm_mirror_fault */
+	ROW("hmm_mirror_fault", "valid (control)", do_mirror_fault, 0, 0),
+	ROW("hmm_mirror_fault", "unaligned start, rounded out (control)", do_mirror_fault, 0,
 	    .addr = A_RW_PLUS1),
-	ROW("hmm_device_fault", "NULL device", do_device_fault, -EINVAL, .dev = D_NULL),
-	ROW("hmm_device_fault", "unregistered device", do_device_fault, -EINVAL, .dev = D_NEVER),
-	ROW("hmm_device_fault", "empty range", do_device_fault, -EINVAL, .len = L_ZERO),
-	ROW("hmm_device_fault", "end before start", do_device_fault, -EINVAL, .len = L_REVERSED),
-	ROW("hmm_device_fault", "end wraps when rounded up", do_device_fault, -EINVAL,
+	ROW("hmm_mirror_fault", "a simdev's mirror (control)", do_mirror_fault, 0, .m = M_SIM),
+	ROW("hmm_mirror_fault", "a memoryless simdev's mirror (control)", do_mirror_fault, 0,
+	    .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "NULL mirror", do_mirror_fault, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_fault", "empty range", do_mirror_fault, -EINVAL, .len = L_ZERO),
+	ROW("hmm_mirror_fault", "end before start", do_mirror_fault, -EINVAL, .len = L_REVERSED),
+	ROW("hmm_mirror_fault", "end wraps when rounded up", do_mirror_fault, -EINVAL,
 	    .len = L_END_MAX),
-	ROW("hmm_device_fault", "beyond user addresses", do_device_fault, -EINVAL,
+	ROW("hmm_mirror_fault", "beyond user addresses", do_mirror_fault, -EINVAL,
 	    .len = L_BEYOND_VA),
-	ROW("hmm_device_fault", "flags: 2", do_device_fault, -EINVAL, .flags = 2),
-	ROW("hmm_device_fault", "NULL address", do_device_fault, -EFAULT, .addr = A_NULL),
-	ROW("hmm_device_fault", "foreign memory", do_device_fault, -EFAULT, .addr = A_FOREIGN),
-	ROW("hmm_device_fault", "runs off the end of a mapping", do_device_fault, -EFAULT,
+	ROW("hmm_mirror_fault", "flags: 2", do_mirror_fault, -EINVAL, .flags = 2),
+	ROW("hmm_mirror_fault", "flags: top bit", do_mirror_fault, -EINVAL, .flags = 1u << 31),
+	ROW("hmm_mirror_fault", "never registered", do_mirror_fault, -ENODEV, .m = M_NEVER),
+	ROW("hmm_mirror_fault", "released, its device registered still", do_mirror_fault, -ENODEV,
+	    .m = M_DEAD),
+	ROW("hmm_mirror_fault", "a copy of a registered mirror", do_mirror_fault, -ENODEV,
+	    .m = M_COPY),
+	ROW("hmm_mirror_fault", "NULL address", do_mirror_fault, -EFAULT, .addr = A_NULL),
+	ROW("hmm_mirror_fault", "foreign memory", do_mirror_fault, -EFAULT, .addr = A_FOREIGN),
+	ROW("hmm_mirror_fault", "foreign memory, memoryless mirror", do_mirror_fault, -EFAULT,
+	    .addr = A_FOREIGN, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "runs off the end of a mapping", do_mirror_fault, -EFAULT,
 	    .len = L_OFF_END),
-	ROW("hmm_device_fault", "unmapped memory", do_device_fault, -EFAULT, .addr = A_GONE),
-	ROW("hmm_device_fault", "write to read-only memory", do_device_fault, -EACCES,
-	    .addr = A_RO, .flags = HMM_DEVICE_FAULT_WRITE),
-	ROW("hmm_device_fault", "read of PROT_NONE memory", do_device_fault, -EACCES,
+	ROW("hmm_mirror_fault", "unmapped memory", do_mirror_fault, -EFAULT, .addr = A_GONE),
+	ROW("hmm_mirror_fault", "write to read-only memory", do_mirror_fault, -EACCES,
+	    .addr = A_RO, .flags = HMM_FAULT_WRITE),
+	ROW("hmm_mirror_fault", "write to read-only memory, memoryless mirror", do_mirror_fault,
+	    -EACCES, .addr = A_RO, .flags = HMM_FAULT_WRITE, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "read of PROT_NONE memory", do_mirror_fault, -EACCES,
 	    .addr = A_NONE),
-	AFTER("hmm_device_fault", "released by hmm_fini", do_device_fault, -EINVAL, 0),
+
+	/* hmm_mirror_stats_read */
+	ROW("hmm_mirror_stats_read", "valid (control)", do_mirror_stats, 0, 0),
+	ROW("hmm_mirror_stats_read", "a simdev's mirror (control)", do_mirror_stats, 0, .m = M_SIM),
+	ROW("hmm_mirror_stats_read", "NULL mirror", do_mirror_stats, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_stats_read", "NULL stats", do_mirror_stats, -EINVAL, .null_out = true),
+	ROW("hmm_mirror_stats_read", "never registered", do_mirror_stats, -ENODEV, .m = M_NEVER),
+	ROW("hmm_mirror_stats_read", "released, its device registered still", do_mirror_stats,
+	    -ENODEV, .m = M_DEAD),
+	ROW("hmm_mirror_stats_read", "a copy of a registered mirror", do_mirror_stats, -ENODEV,
+	    .m = M_COPY),
 
 	/* hmm_device_mem_used */
 	ROW("hmm_device_mem_used", "NULL", do_mem_used, 0, .dev = D_NULL),
 	ROW("hmm_device_mem_used", "never registered", do_mem_used, 0, .dev = D_NEVER),
-	AFTER("hmm_device_mem_used", "released by hmm_fini", do_mem_used, 0, 0),
+	ROW("hmm_device_mem_used", "registered, never mirroring", do_mem_used, 0, .dev = D_BARE),
+	ROW("hmm_device_mem_used", "memoryless", do_mem_used, 0, .dev = D_MEMLESS),
+
+	/* a mirror released by hmm_fini(), its device registered still (in this order) */
+	AFTER("hmm_mirror_unregister", "released by hmm_fini", do_mirror_unregister, -ENOENT,
+	    .m = M_REGISTERED),
+	AFTER("hmm_mirror_fault", "released by hmm_fini", do_mirror_fault, -ENODEV, 0),
+	AFTER("hmm_mirror_stats_read", "released by hmm_fini", do_mirror_stats, -ENODEV, 0),
+	AFTER("hmm_device_mem_used", "mirror released by hmm_fini", do_mem_used, 0, 0),
+	AFTER("hmm_migrate", "mirror released by hmm_fini, new address space",
+	    do_migrate_to_released, -EINVAL, 0),
+	AFTER("hmm_mirror_register", "released by hmm_fini, new address space (control)",
+	    do_migrate_to_released, 0, .null_out = true),
+	AFTER("hmm_device_unregister", "mirror released by hmm_fini", do_unregister, 0,
+	    .dev = D_FAKE),
+	AFTER("hmm_device_unregister", "mirror released by hmm_fini, twice", do_unregister,
+	    -ENOENT, .dev = D_FAKE),
 
 	/* simdev_create */
 	ROW("simdev_create", "valid (control)", do_simdev_create, 0, 0),
@@ -1136,11 +1570,18 @@ static const struct row rows[] = {
 	    .opt = O_FB_BIG),
 	ROW("simdev_create", "options: newer struct, unknown tail not zero",
 	    do_simdev_create_newer, -EINVAL, 0),
-	ROW("simdev_create", "every id taken", do_simdev_create_full, -ENOSPC, 0),
+	ROW("simdev_create", "options: memoryless (control)", do_simdev_create, 0,
+	    .opt = O_MEMLESS),
+	ROW("simdev_create", "options: memoryless with memory", do_simdev_create, -EINVAL,
+	    .opt = O_MEMLESS_MEM),
+	ROW("simdev_create", "options: unknown flag", do_simdev_create, -EINVAL, .opt = O_FLAGS),
+	ROW("simdev_create", "every mirror id taken", do_simdev_create_full, -ENOSPC, 0),
 	AFTER("simdev_create", "after hmm_fini", do_simdev_create, -EINVAL, .h = H_STALE),
 
 	/* simdev_device, simdev_set_dma, simdev_stats_read, simdev_inject */
 	ROW("simdev_device", "NULL", do_simdev_device_null, 0, 0),
+	ROW("simdev_mirror", "valid (control)", do_simdev_mirror, 0, 0),
+	ROW("simdev_mirror", "NULL", do_simdev_mirror, 0, .dev = D_NULL),
 	ROW("simdev_set_dma", "NULL", do_set_dma, -EINVAL, .dev = D_NULL),
 	ROW("simdev_stats_read", "valid (control)", do_stats_sim, 0, 0),
 	ROW("simdev_stats_read", "NULL device", do_stats_sim, -EINVAL, .dev = D_NULL),
@@ -1160,7 +1601,7 @@ static const struct row rows[] = {
 	ROW("simdev_run", "from its own kernel", do_run_nested, -EBUSY, 0),
 	AFTER("simdev_run", "after hmm_fini, kernel touching nothing", do_run_after_fini, 0,
 	    .null_out = true),
-	AFTER("simdev_run", "after hmm_fini, kernel loading a word", do_run_after_fini, -EINVAL, 0),
+	AFTER("simdev_run", "after hmm_fini, kernel loading a word", do_run_after_fini, -ENODEV, 0),
 
 	/* the kernel accessors */
 	ROW("simdev_read", "valid (control)", do_access, 0, .op = OP_READ, .len = L_WORDS),
@@ -1246,9 +1687,18 @@ static void setup(struct ctx *c, enum hmm_fault_mode mode)
 			  -1, 0);
 	CHECK(c->foreign != MAP_FAILED);
 	c->fake = fake_new(1);
-	CHECK_EQ(hmm_device_register(c->hmm, &c->fake->dev), 0);
-	c->never = stub_new(&stub_ops);
+	fake_attach(c->hmm, c->fake);
+	c->fake->window = (uintptr_t)c->rw;
+	stub_init(&c->never, &stub_ops);
+	stub_init(&c->bare, &stub_ops);
+	CHECK_EQ(hmm_device_register(&c->bare.dev), 0);
+	stub_attach(c->hmm, &c->dead);
+	CHECK_EQ(hmm_mirror_unregister(&c->dead.mirror), 0);
+	CHECK_EQ(atomic_load(&c->dead.released), 1);
 	CHECK_EQ(simdev_create(c->hmm, &so, &c->sd), 0);
+	so.flags = SIMDEV_MEMORYLESS;
+	so.mem_bytes = 0;
+	CHECK_EQ(simdev_create(c->hmm, &so, &c->ml), 0);
 }
 
 /*
@@ -1269,8 +1719,21 @@ static void fini(struct ctx *c)
 
 static void teardown(struct ctx *c)
 {
+	struct simdev_stats st;
+
 	CHECK(!c->sd && !c->late_ok && !c->late_eio);	/* the rows used them up */
+	CHECK(!c->fake->dev.registered);		/* and unregistered fake */
+	CHECK_EQ(atomic_load(&c->fake->released), 1);
 	fake_free(c->fake);
+	CHECK_EQ(simdev_stats_read(c->ml, &st), 0);
+	CHECK_EQ(st.violations, 0);
+	CHECK_EQ(st.copies, 0);
+	CHECK_EQ(simdev_destroy(c->ml), 0);
+	CHECK_EQ(hmm_device_unregister(&c->bare.dev), 0);
+	CHECK_EQ(hmm_device_unregister(&c->dead.dev), 0);
+	CHECK_EQ(atomic_load(&c->bare.released), 0);
+	CHECK_EQ(atomic_load(&c->dead.released), 1);
+	CHECK_EQ(atomic_load(&c->never.released), 0);
 	munmap(c->foreign, 2 * PAGE);
 }
 
