@@ -287,6 +287,7 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 
 int hmm_mirror_unregister(struct hmm_mirror *mirror)
 {
+	struct hmm_mirror_core *mc = NULL;
 	struct hmm *hmm;
 	int ret;
 
@@ -294,12 +295,15 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror)
 		return -EINVAL;
 	hmm_global_lock();
 	hmm = mirror->hmm;
-	if (!hmm_is_live(hmm) || !mirror->core) {
+	/* Registered: published under its id, as @mirror itself (not a copy of it). */
+	if (hmm_is_live(hmm) && mirror->id && mirror->id <= HMM_MAX_DEVICES)
+		mc = hmm_mirror_by_id(hmm, mirror->id);
+	if (!mc || mc->mirror != mirror) {
 		hmm_global_unlock();
 		return -ENOENT;
 	}
 	pthread_mutex_lock(&hmm->dev_lock);
-	ret = mirror_release(hmm, mirror->core);
+	ret = mirror_release(hmm, mc);
 	pthread_mutex_unlock(&hmm->dev_lock);
 	hmm_global_unlock();
 	return ret;

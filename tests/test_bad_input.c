@@ -1484,9 +1484,8 @@ static const struct row rows[] = {
 	    -ENOENT, .null_out = true),
 	ROW("hmm_mirror_unregister", "released, its device registered still",
 	    do_mirror_unregister, -ENOENT, .m = M_DEAD),
-	{ .fn = "hmm_mirror_unregister", .cls = "a copy of a registered mirror",
-	  .call = do_mirror_unregister, .expect = -ENOENT, .a = { .m = M_COPY },
-	  .bug = "it releases the mirror the copy was made from" },
+	ROW("hmm_mirror_unregister", "a copy of a registered mirror", do_mirror_unregister,
+	    -ENOENT, .m = M_COPY),
 
 	/* hmm_mirror_fault */
 	ROW("hmm_mirror_fault", "valid (control)", do_mirror_fault, 0, 0),
