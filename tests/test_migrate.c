@@ -6,8 +6,8 @@
  * and ranges straddling regions, eviction under oversubscription with device
  * writes, threads faulting the same device pages, munmap freeing device
  * frames, asynchronous migration, failed copies and allocations leaving the
- * data where it was, and bad input. Every test ends with no device memory in
- * use.
+ * data where it was (bad input is tests/test_bad_input.c). Every test ends
+ * with no device memory in use.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -498,62 +498,6 @@ static void unregister_brings_pages_home(void)
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
 }
 
-static void bad_input(void)
-{
-	struct fake_device *fd = device(1), never = { .dev.ops = &fake_ops };
-
-	never.mirror.device = &never.dev;
-	char *p = map(2 * PAGE);
-	char *foreign = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	struct hmm_fence *f = NULL;
-
-	CHECK(foreign != MAP_FAILED);
-	CHECK_EQ(hmm_migrate(hmm, p, 0, &fd->dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, p + 1, PAGE, &fd->dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, p, PAGE + 1, &fd->dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, p, (size_t)-PAGE, &fd->dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, p, PAGE, &fd->dev, 1, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(NULL, p, PAGE, &fd->dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, p, PAGE, &never.dev, 0, NULL), -EINVAL);
-	CHECK_EQ(hmm_migrate(hmm, foreign, PAGE, &fd->dev, 0, NULL), -EFAULT);
-	CHECK_EQ(hmm_migrate(hmm, p, 3 * PAGE, &fd->dev, 0, NULL), -EFAULT);	/* runs off the end */
-	CHECK_EQ(hmm_migrate(hmm, foreign, PAGE, NULL, 0, &f), -EFAULT);
-	CHECK(f == NULL);
-	CHECK_EQ(hmm_device_mem_used(&fd->dev), 0);
-	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)foreign, (uintptr_t)foreign + PAGE, 0),
-		 -EFAULT);
-	CHECK_EQ(hmm_mirror_fault(&never.mirror, (uintptr_t)p, (uintptr_t)p + PAGE, 0), -ENODEV);
-	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p + PAGE, (uintptr_t)p, 0), -EINVAL);
-	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p, (uintptr_t)p + PAGE, 2), -EINVAL);
-	CHECK_EQ(hmm_mprotect(hmm, p, PAGE, PROT_READ), 0);
-	CHECK_EQ(hmm_mirror_fault(&fd->mirror, (uintptr_t)p, (uintptr_t)p + PAGE,
-				  HMM_FAULT_WRITE), -EACCES);
-	CHECK_EQ(hmm_device_register(NULL), -EINVAL);
-	CHECK_EQ(hmm_device_register(&fd->dev), -EBUSY);
-	CHECK_EQ(hmm_mirror_register(hmm, &never.mirror), -ENODEV);	/* device not registered */
-	CHECK_EQ(hmm_mirror_register(hmm, &fd->mirror), -EBUSY);
-	CHECK_EQ(hmm_mirror_register(NULL, &fd->mirror), -EINVAL);
-	CHECK_EQ(hmm_mirror_register(hmm, NULL), -EINVAL);
-	CHECK_EQ(hmm_mirror_unregister(&never.mirror), -ENOENT);
-	{
-		struct hmm_device_ops partial = fake_ops;
-		struct fake_device half = { .dev.ops = &partial };
-
-		partial.copy = NULL;
-		CHECK_EQ(hmm_device_register(&half.dev), -EINVAL);
-	}
-	CHECK_EQ(hmm_device_unregister(NULL), -EINVAL);
-	CHECK_EQ(hmm_device_unregister(&never.dev), -ENOENT);
-	CHECK_EQ(hmm_fence_wait(NULL), -EINVAL);
-	CHECK_EQ(hmm_munmap(hmm, p, 2 * PAGE), 0);
-	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
-	CHECK_EQ(hmm_device_unregister(&fd->dev), -ENOENT);	/* twice */
-	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), -ENOENT);	/* released with its device */
-	CHECK_EQ(atomic_load(&fd->released), 1);
-	fake_free(fd);
-	munmap(foreign, PAGE);
-}
-
 /* hmm_fini with device pages: frames freed, devices released. */
 static void fini_releases_devices(enum hmm_fault_mode m)
 {
@@ -590,7 +534,6 @@ static void all(enum hmm_fault_mode m)
 	RUN(failed_copies_keep_data);
 	RUN(enomem_keeps_data);
 	RUN(unregister_brings_pages_home);
-	RUN(bad_input);
 	stop();
 	fini_releases_devices(m);
 }
