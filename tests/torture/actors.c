@@ -150,24 +150,18 @@ static void migrate_piece(struct t_actor *a)
 /*
  * Arms one of simdev's failures on a random device for the next few of its
  * allocations, copies or fences: the core must retry, or fail the move with
- * every page intact where it was. Copy failures only in thread mode: a CPU
- * fault whose copy home fails is retried there, but is a SIGBUS in signal
- * mode, as an uncorrectable memory error would be.
+ * every page intact where it was. In both fault modes: a CPU fault whose
+ * copy home fails is retried (include/hmm.h, HMM_FAULT_SIGNAL).
  */
 static void arm_lib_fault(struct t_actor *a)
 {
-	static const enum simdev_inject any_mode[] = { SIMDEV_FAIL_ALLOC, SIMDEV_FENCE_EAGAIN };
-	static const enum simdev_inject thread_mode[] = { SIMDEV_FAIL_ALLOC, SIMDEV_FENCE_EAGAIN,
-							  SIMDEV_FAIL_COPY, SIMDEV_FENCE_EIO };
+	static const enum simdev_inject knob[] = { SIMDEV_FAIL_ALLOC, SIMDEV_FENCE_EAGAIN,
+						   SIMDEV_FAIL_COPY, SIMDEV_FENCE_EIO };
 	unsigned int d = t_rand(&a->rng) % T.cfg.devs;
 	unsigned int count = 1 + t_rand(&a->rng) % 4;
-	enum simdev_inject what;
+	enum simdev_inject what = knob[t_rand(&a->rng) % 4];
 	int ret;
 
-	if (T.cfg.mode == HMM_FAULT_THREAD)
-		what = thread_mode[t_rand(&a->rng) % 4];
-	else
-		what = any_mode[t_rand(&a->rng) % 2];
 	ret = simdev_inject(T.sd[d], what, count);
 	if (ret)
 		t_fail("%s: simdev_inject: %s", a->name, strerror(-ret));

@@ -113,7 +113,7 @@ bool t_error_ok(int err)
 {
 	if (err == -ENOMEM)
 		t_count(T_ENOMEM, 1);
-	else if (err == -EIO && T.cfg.lib_faults && T.cfg.mode == HMM_FAULT_THREAD)
+	else if (err == -EIO && T.cfg.lib_faults)
 		t_count(T_EIO, 1);
 	else
 		return false;
