@@ -126,10 +126,10 @@ static void *fault_thread(void *arg)
 	};
 
 	for (;;) {
-		/* Wakes every 100 ms at most: a safe point to free page-table directories. */
+		/* Wakes every 100 ms at most: idle, a safe point to free directories. */
 		int n = poll(pfd, 2, 100);
 
-		hmm_reclaim_due(hmm);
+		hmm_reclaim_due(hmm, n == 0);
 		if (n <= 0)
 			continue;	/* timeout, EINTR */
 		if (pfd[1].revents)

@@ -332,10 +332,15 @@ struct hmm_mirror_core *hmm_mirror_get(struct hmm *hmm, unsigned int id);
 void hmm_mirror_put(struct hmm_mirror_core *mc);
 /*
  * Frees the page-table directories (logical and mirrors') waiting for a grace
- * period, if a batch is due. The tables defer_reclaim: this is called where
- * the caller holds no busy page and no lock, and not from a signal handler.
+ * period, if enough are waiting. The tables defer_reclaim: this is called
+ * where the caller holds no busy page and no lock, and not from a signal
+ * handler. A grace period takes a while (readers are waited for with
+ * sleeps), so a thread on a fault path (@idle false) frees only when
+ * HMM_RECLAIM_BUSY_BATCHES batches wait, to bound memory; the fault thread
+ * frees every batch when it has nothing else to do (@idle).
  */
-void hmm_reclaim_due(struct hmm *hmm);
+#define HMM_RECLAIM_BUSY_BATCHES 32
+void hmm_reclaim_due(struct hmm *hmm, bool idle);
 /* Releases every mirror (hmm_fini(): the regions are gone already). */
 void hmm_mirror_release_all(struct hmm *hmm);
 /* Releases @hmm's mirror of @dev if there is one. Context: init_lock held. */

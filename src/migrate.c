@@ -840,6 +840,6 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 	if (mc)
 		hmm_mirror_put(mc);
 	if (!fence)
-		hmm_reclaim_due(hmm);
+		hmm_reclaim_due(hmm, false);
 	return ret;
 }

@@ -387,16 +387,17 @@ void hmm_mirror_set_dirty(struct hmm_mirror *mirror, uintptr_t addr)
 	hmm_pt_update(&mc->pt, addr, addr + HMM_PAGE_SIZE, HMM_PT_PRESENT_ONLY, set_dirty_fn, NULL);
 }
 
-void hmm_reclaim_due(struct hmm *hmm)
+void hmm_reclaim_due(struct hmm *hmm, bool idle)
 {
 	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+	unsigned int batches = idle ? 1 : HMM_RECLAIM_BUSY_BATCHES;
 
-	hmm_pt_reclaim_due(&hmm->pt);
+	hmm_pt_reclaim_due(&hmm->pt, batches);
 	for (unsigned int id = 1; id <= max; id++) {
 		struct hmm_mirror_core *mc = mirror_get(hmm, id);
 
 		if (mc) {
-			hmm_pt_reclaim_due(&mc->pt);
+			hmm_pt_reclaim_due(&mc->pt, batches);
 			mirror_put(mc);
 		}
 	}
@@ -831,7 +832,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 
 		if (batch_end > end)
 			batch_end = end;
-		hmm_reclaim_due(hmm);		/* holding nothing: a safe point */
+		hmm_reclaim_due(hmm, false);	/* holding nothing: a safe point */
 		wait_invals(hmm, a, batch_end);				/* F1 */
 		ret = hmm_span_get(hmm, a, batch_end, &s);
 		if (ret)

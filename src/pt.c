@@ -168,14 +168,14 @@ static void retire(struct hmm_pt *pt, struct hmm_pt_dir *retired)
 		hmm_pt_reclaim(pt);
 }
 
-void hmm_pt_reclaim_due(struct hmm_pt *pt)
+void hmm_pt_reclaim_due(struct hmm_pt *pt, unsigned int batches)
 {
 	long total;
 
 	pthread_mutex_lock(&pt->deferred_lock);
 	total = pt->nr_deferred;
 	pthread_mutex_unlock(&pt->deferred_lock);
-	if (total >= HMM_PT_RECLAIM_BATCH && !hmm_rcu_in_read_section())
+	if (total >= (long)batches * HMM_PT_RECLAIM_BATCH && !hmm_rcu_in_read_section())
 		hmm_pt_reclaim(pt);
 }
 

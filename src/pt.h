@@ -260,11 +260,11 @@ int hmm_pt_clear(struct hmm_pt *pt, uintptr_t start, uintptr_t end, hmm_pte_t *o
 void hmm_pt_reclaim(struct hmm_pt *pt);
 
 /*
- * hmm_pt_reclaim() if a batch of directories is waiting and we are not in a
- * read section. Context: as hmm_pt_reclaim(); the caller holds nothing a
- * reader could be waiting for.
+ * hmm_pt_reclaim() if at least @batches batches of directories are waiting
+ * and we are not in a read section. Context: as hmm_pt_reclaim(); the caller
+ * holds nothing a reader could be waiting for.
  */
-void hmm_pt_reclaim_due(struct hmm_pt *pt);
+void hmm_pt_reclaim_due(struct hmm_pt *pt, unsigned int batches);
 
 /* Live (linked) directories below the root: 0 for an empty table. */
 static inline long hmm_pt_dirs(struct hmm_pt *pt)

@@ -404,7 +404,7 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 	free(old);
 out:
 	pthread_mutex_unlock(&hmm->lock);
-	hmm_reclaim_due(hmm);		/* no page held any more */
+	hmm_reclaim_due(hmm, false);		/* no page held any more */
 	return ret;
 }
 
@@ -485,7 +485,7 @@ static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
 	hmm_pt_clear(&hmm->pt, start, end, NULL);	/* EMPTY, and no longer busy */
 	hmm_busy_wake_all(hmm);
 	pthread_mutex_unlock(&hmm->lock);
-	hmm_reclaim_due(hmm);
+	hmm_reclaim_due(hmm, false);
 	return 0;
 }
 
