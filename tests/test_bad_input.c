@@ -83,14 +83,14 @@
 
 /* ---- a device that holds nothing ----------------------------------------- */
 
-/* A stub device and its mirror; release() is counted. */
-struct stub {
+/* A minimal device and its mirror; release() is counted. */
+struct mini {
 	struct hmm_device dev;
 	struct hmm_mirror mirror;
 	atomic_int released;
 };
 
-static int stub_update(struct hmm_mirror *mirror, const struct hmm_event *ev,
+static int mini_update(struct hmm_mirror *mirror, const struct hmm_event *ev,
 		       struct hmm_fence **f)
 {
 	*f = NULL;
@@ -99,26 +99,26 @@ static int stub_update(struct hmm_mirror *mirror, const struct hmm_event *ev,
 	return 0;
 }
 
-static void stub_release(struct hmm_mirror *mirror)
+static void mini_release(struct hmm_mirror *mirror)
 {
-	atomic_fetch_add(&((struct stub *)mirror->device)->released, 1);
+	atomic_fetch_add(&((struct mini *)mirror->device)->released, 1);
 }
 
-static int stub_mem_alloc(struct hmm_device *dev, uint64_t *chunk)
+static int mini_mem_alloc(struct hmm_device *dev, uint64_t *chunk)
 {
 	(void)dev;
 	(void)chunk;
 	return -ENOMEM;
 }
 
-static void stub_mem_free(struct hmm_device *dev, uint64_t chunk)
+static void mini_mem_free(struct hmm_device *dev, uint64_t chunk)
 {
 	(void)dev;
 	(void)chunk;
 	CHECK(0);			/* it never handed out a chunk */
 }
 
-static int stub_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hmm_fence **f)
+static int mini_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hmm_fence **f)
 {
 	*f = NULL;
 	(void)dev;
@@ -126,30 +126,30 @@ static int stub_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hm
 	return -EIO;
 }
 
-static const struct hmm_device_ops stub_ops = {
-	.update = stub_update,
-	.mem_alloc = stub_mem_alloc,
-	.mem_free = stub_mem_free,
-	.copy = stub_copy,
-	.release = stub_release,
+static const struct hmm_device_ops mini_ops = {
+	.update = mini_update,
+	.mem_alloc = mini_mem_alloc,
+	.mem_free = mini_mem_free,
+	.copy = mini_copy,
+	.release = mini_release,
 };
 
 /* A memoryless device: update() alone (and release()). */
-static const struct hmm_device_ops stub_memoryless_ops = {
-	.update = stub_update,
-	.release = stub_release,
+static const struct hmm_device_ops mini_memoryless_ops = {
+	.update = mini_update,
+	.release = mini_release,
 };
 
-static void stub_init(struct stub *s, const struct hmm_device_ops *ops)
+static void mini_init(struct mini *s, const struct hmm_device_ops *ops)
 {
-	*s = (struct stub){ .dev = { .ops = ops, .name = "stub" } };
+	*s = (struct mini){ .dev = { .ops = ops, .name = "mini" } };
 	s->mirror.device = &s->dev;
 }
 
-/* A stub registered and attached to @hmm. */
-static void stub_attach(struct hmm *hmm, struct stub *s)
+/* A mini registered and attached to @hmm. */
+static void mini_attach(struct hmm *hmm, struct mini *s)
 {
-	stub_init(s, &stub_ops);
+	mini_init(s, &mini_ops);
 	CHECK_EQ(hmm_device_register(&s->dev), 0);
 	CHECK_EQ(hmm_mirror_register(hmm, &s->mirror), 0);
 }
@@ -165,9 +165,9 @@ struct ctx {
 	char *gone;			/* the page after rw: was libhmm's, unmapped */
 	char *foreign;			/* 2 pages of ordinary anonymous memory */
 	struct fake_device *fake;	/* registered and mirroring, 1 chunk */
-	struct stub never;		/* neither device nor mirror ever registered */
-	struct stub bare;		/* device registered, never mirroring */
-	struct stub dead;		/* device registered, mirror unregistered */
+	struct mini never;		/* neither device nor mirror ever registered */
+	struct mini bare;		/* device registered, never mirroring */
+	struct mini dead;		/* device registered, mirror unregistered */
 	struct hmm_mirror copy;		/* a copy of fake's mirror, made by mirror_of() */
 	struct simdev *sd;		/* registered and mirroring, 1 thread */
 	struct simdev *ml;		/* the same, SIMDEV_MEMORYLESS */
@@ -304,7 +304,7 @@ static struct hmm_device *dev_of(struct ctx *c, enum d_arg d)
 	case D_NEVER:
 		return &c->never.dev;
 	case D_PARTIAL:
-		partial = stub_ops;
+		partial = mini_ops;
 		partial.mem_free = NULL;
 		c->never.dev.ops = &partial;	/* restored by the invoker */
 		return &c->never.dev;
@@ -448,7 +448,7 @@ static long do_migrate(struct ctx *c, const struct args *a)
 	int r;
 
 	r = hmm_migrate(hmm, addr, len, to, a->flags, a->fence ? &f : NULL);
-	c->never.dev.ops = &stub_ops;
+	c->never.dev.ops = &mini_ops;
 	if (r) {
 		CHECK(f == SENTINEL);
 		if (c->hmm)
@@ -498,7 +498,7 @@ static long do_register(struct ctx *c, const struct args *a)
 	struct hmm_device *dev = dev_of(c, a->dev);
 	int r = hmm_device_register(a->null_out ? NULL : dev);
 
-	c->never.dev.ops = &stub_ops;
+	c->never.dev.ops = &mini_ops;
 	if (r && a->dev == D_NEVER)
 		CHECK(!c->never.dev.registered);
 	if (!r)
@@ -517,8 +517,8 @@ static long do_register_each_missing_op(struct ctx *c, const struct args *a)
 	(void)c;
 	(void)a;
 	for (int i = 0; i < 7; i++) {
-		struct hmm_device_ops ops = stub_ops;
-		struct stub s;
+		struct hmm_device_ops ops = mini_ops;
+		struct mini s;
 
 		if (i == 0) {
 			ops.update = NULL;
@@ -531,7 +531,7 @@ static long do_register_each_missing_op(struct ctx *c, const struct args *a)
 			if (!(i & 4))
 				ops.copy = NULL;
 		}
-		stub_init(&s, &ops);
+		mini_init(&s, &ops);
 		r = hmm_device_register(&s.dev);
 		if (r != -EINVAL)
 			break;
@@ -542,22 +542,22 @@ static long do_register_each_missing_op(struct ctx *c, const struct args *a)
 
 static long do_register_no_ops(struct ctx *c, const struct args *a)
 {
-	struct stub s;
+	struct mini s;
 
 	(void)c;
 	(void)a;
-	stub_init(&s, NULL);
+	mini_init(&s, NULL);
 	return hmm_device_register(&s.dev);
 }
 
 /* A memoryless device: update() alone is a complete ops table. */
 static long do_register_memoryless(struct ctx *c, const struct args *a)
 {
-	struct stub s;
+	struct mini s;
 	long r;
 
 	(void)a;
-	stub_init(&s, &stub_memoryless_ops);
+	mini_init(&s, &mini_memoryless_ops);
 	r = hmm_device_register(&s.dev);
 	if (!r && c->hmm) {
 		CHECK_EQ(hmm_mirror_register(c->hmm, &s.mirror), 0);
@@ -569,7 +569,7 @@ static long do_register_memoryless(struct ctx *c, const struct args *a)
 	return r;
 }
 
-static struct stub stubs[HMM_MAX_DEVICES];
+static struct mini minis[HMM_MAX_DEVICES];
 
 /* Fills every mirror id; @then runs with none left, and is what the row returns. */
 static long with_ids_full(struct ctx *c, long (*then)(struct ctx *c))
@@ -579,30 +579,30 @@ static long with_ids_full(struct ctx *c, long (*then)(struct ctx *c))
 	int err = 0;
 
 	for (n = 0; n < HMM_MAX_DEVICES; n++) {
-		stub_init(&stubs[n], &stub_ops);
-		CHECK_EQ(hmm_device_register(&stubs[n].dev), 0);
-		err = hmm_mirror_register(c->hmm, &stubs[n].mirror);
+		mini_init(&minis[n], &mini_ops);
+		CHECK_EQ(hmm_device_register(&minis[n].dev), 0);
+		err = hmm_mirror_register(c->hmm, &minis[n].mirror);
 		if (err)
 			break;
 	}
 	CHECK_EQ(err, -ENOSPC);
-	CHECK(!stubs[n].mirror.hmm);
-	CHECK_EQ(hmm_device_unregister(&stubs[n].dev), 0);
+	CHECK(!minis[n].mirror.hmm);
+	CHECK_EQ(hmm_device_unregister(&minis[n].dev), 0);
 	CHECK_EQ(n, HMM_MAX_DEVICES - 3);	/* fake and the simdevs have the others */
 	r = then(c);
 	for (unsigned int i = 0; i < n; i++) {
-		CHECK_EQ(hmm_device_unregister(&stubs[i].dev), 0);
-		CHECK_EQ(atomic_load(&stubs[i].released), 1);
+		CHECK_EQ(hmm_device_unregister(&minis[i].dev), 0);
+		CHECK_EQ(atomic_load(&minis[i].released), 1);
 	}
 	return r;
 }
 
 static long mirror_one_more(struct ctx *c)
 {
-	struct stub s;
+	struct mini s;
 	long r;
 
-	stub_init(&s, &stub_ops);
+	mini_init(&s, &mini_ops);
 	CHECK_EQ(hmm_device_register(&s.dev), 0);
 	r = hmm_mirror_register(c->hmm, &s.mirror);
 	CHECK(!s.mirror.hmm && !s.mirror.core);
@@ -640,11 +640,11 @@ static long do_unregister(struct ctx *c, const struct args *a)
 
 static long do_unregister_twice(struct ctx *c, const struct args *a)
 {
-	struct stub s;
+	struct mini s;
 
 	(void)c;
 	(void)a;
-	stub_init(&s, &stub_ops);
+	mini_init(&s, &mini_ops);
 	CHECK_EQ(hmm_device_register(&s.dev), 0);
 	CHECK_EQ(hmm_device_unregister(&s.dev), 0);
 	return hmm_device_unregister(&s.dev);
@@ -672,17 +672,17 @@ static long do_unregister_simdev_twice(struct ctx *c, const struct args *a)
 /* ---- mirrors ------------------------------------------------------------------------------ */
 
 /*
- * hmm_mirror_register(). M_OWN: a new stub device, registered, and its
+ * hmm_mirror_register(). M_OWN: a new mini device, registered, and its
  * mirror. A failure leaves the mirror unregistered and calls no release();
  * the mirrors it collides with stay as they were.
  */
 static long do_mirror_register(struct ctx *c, const struct args *a)
 {
 	struct hmm_mirror *m;
-	struct stub s;
+	struct mini s;
 	long r;
 
-	stub_init(&s, &stub_ops);
+	mini_init(&s, &mini_ops);
 	if (a->m != M_DEVICE_NEVER)
 		CHECK_EQ(hmm_device_register(&s.dev), 0);
 	switch (a->m) {
@@ -723,13 +723,13 @@ static long do_mirror_register(struct ctx *c, const struct args *a)
 }
 
 /*
- * hmm_mirror_unregister(). M_OWN: a stub attached for the row (the control).
+ * hmm_mirror_unregister(). M_OWN: a mini attached for the row (the control).
  * Whatever the row, release() runs at most once for a mirror, and the
  * fixture's mirrors stay as they were.
  */
 static long do_mirror_unregister(struct ctx *c, const struct args *a)
 {
-	struct stub s;
+	struct mini s;
 	long r;
 
 	if (a->m != M_OWN) {
@@ -741,7 +741,7 @@ static long do_mirror_unregister(struct ctx *c, const struct args *a)
 			CHECK(c->fake->mirror.hmm == c->hmm);
 		return r;
 	}
-	stub_attach(c->hmm, &s);
+	mini_attach(c->hmm, &s);
 	r = hmm_mirror_unregister(&s.mirror);
 	CHECK_EQ(atomic_load(&s.released), 1);
 	CHECK(!s.mirror.hmm);
@@ -753,10 +753,10 @@ static long do_mirror_unregister(struct ctx *c, const struct args *a)
 /* Unregistered twice (@a->null_out: its device unregistered first). */
 static long do_mirror_unregister_twice(struct ctx *c, const struct args *a)
 {
-	struct stub s;
+	struct mini s;
 	long r;
 
-	stub_attach(c->hmm, &s);
+	mini_attach(c->hmm, &s);
 	if (a->null_out)
 		CHECK_EQ(hmm_device_unregister(&s.dev), 0);
 	else
@@ -1688,10 +1688,10 @@ static void setup(struct ctx *c, enum hmm_fault_mode mode)
 	c->fake = fake_new(1);
 	fake_attach(c->hmm, c->fake);
 	c->fake->window = (uintptr_t)c->rw;
-	stub_init(&c->never, &stub_ops);
-	stub_init(&c->bare, &stub_ops);
+	mini_init(&c->never, &mini_ops);
+	mini_init(&c->bare, &mini_ops);
 	CHECK_EQ(hmm_device_register(&c->bare.dev), 0);
-	stub_attach(c->hmm, &c->dead);
+	mini_attach(c->hmm, &c->dead);
 	CHECK_EQ(hmm_mirror_unregister(&c->dead.mirror), 0);
 	CHECK_EQ(atomic_load(&c->dead.released), 1);
 	CHECK_EQ(simdev_create(c->hmm, &so, &c->sd), 0);
