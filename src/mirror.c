@@ -239,6 +239,7 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	struct hmm_mirror *mirror = mc->mirror;
 	struct hmm_event ev = { .type = HMM_EVENT_RELEASE, .start = 0, .end = HMM_VA_END };
 	struct hmm_fence *f = NULL;
+	size_t used;
 	int stuck = 0;
 
 	hmm_spin_lock(&mc->pt_lock);
@@ -251,9 +252,13 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	 */
 	wait_users(mc);
 
-	/* Every page home. A chunk that gives nothing back twice holds a page we cannot copy. */
-	while (hmm_devmem_pages_used(&mc->mem)) {
-		if (hmm_evict(hmm, mc, true))
+	/*
+	 * Every page home. Pages another thread moves meanwhile count as
+	 * progress too; a chunk that gives nothing back twice while nothing
+	 * else leaves holds a page we cannot copy.
+	 */
+	while ((used = hmm_devmem_pages_used(&mc->mem))) {
+		if (hmm_evict(hmm, mc, true) || hmm_devmem_pages_used(&mc->mem) < used)
 			stuck = 0;
 		else if (++stuck > 2 * (int)hmm_devmem_chunks(&mc->mem)) {
 			atomic_store(&mc->dying, false);
