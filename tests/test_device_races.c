@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 
 #include "check.h"
+#include "simdev_check.h"
 #include "hmm.h"
 #include "hmm/simdev.h"
 
@@ -74,15 +75,6 @@ static struct simdev *device(size_t mem)
 	return sd;
 }
 
-static void device_done(struct simdev *sd)
-{
-	struct simdev_stats st;
-
-	CHECK_EQ(simdev_stats_read(sd, &st), 0);
-	CHECK_EQ(st.violations, 0);
-	CHECK_EQ(simdev_destroy(sd), 0);
-}
-
 /* ---- munmap under a reading kernel ---------------------------------------- */
 
 static void read_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
@@ -130,7 +122,7 @@ static void munmap_under_reading_kernel(void)
 	fprintf(stderr, "    the munmap cut %d of 1000 kernels short\n", cut);
 	CHECK_EQ(hmm_stats_read(hmm, &st), 0);
 	CHECK_EQ(st.device_pages_used, 0);
-	device_done(sd);
+	simdev_destroy_checked(sd);
 }
 
 /* ---- migration under adding kernels --------------------------------------- */
@@ -174,8 +166,8 @@ static void migration_under_adding_kernels(void)
 		for (size_t w = 0; w < 2; w++)
 			CHECK_EQ_U64(job.data[p * PAGE / 8 + w], (uint64_t)job.rounds);
 	CHECK_EQ(hmm_munmap(hmm, job.data, len), 0);
-	device_done(a);
-	device_done(b);
+	simdev_destroy_checked(a);
+	simdev_destroy_checked(b);
 }
 
 /* ---- mprotect under a writing kernel ---------------------------------------- */
@@ -214,7 +206,7 @@ static void mprotect_under_writing_kernel(void)
 			CHECK_EQ_U64(job.data[p * PAGE / 8], seen[p]);
 		CHECK_EQ(hmm_munmap(hmm, job.data, len), 0);
 	}
-	device_done(sd);
+	simdev_destroy_checked(sd);
 }
 
 static void all(enum hmm_fault_mode mode)

@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 
 #include "check.h"
+#include "simdev_check.h"
 #include "hmm.h"
 #include "hmm/simdev.h"
 
@@ -132,13 +133,7 @@ static void run(bool memoryless)
 		munmap(foreign, PAGE);
 	}
 	CHECK_EQ(hmm_munmap(hmm, p, NPAGES * PAGE), 0);
-	{
-		struct simdev_stats st;
-
-		CHECK_EQ(simdev_stats_read(sd, &st), 0);
-		CHECK_EQ(st.violations, 0);
-	}
-	CHECK_EQ(simdev_destroy(sd), 0);
+	simdev_destroy_checked(sd);
 }
 
 int main(void)

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "check.h"
+#include "simdev_check.h"
 #include "hmm.h"
 #include "hmm/simdev.h"
 
@@ -86,7 +87,6 @@ static void run(void)
 	struct simdev_options so = { .sz = sizeof(so), .mem_bytes = 8 * MiB };
 	size_t len = 8 * MiB;
 	struct simdev *sd;
-	struct simdev_stats sst;
 	char *p;
 
 	CHECK_EQ(simdev_create(hmm, &so, &sd), 0);
@@ -111,9 +111,7 @@ static void run(void)
 	/* A foreign munmap of everything that is left, holes included. */
 	CHECK_EQ(munmap(p, len), 0);
 	await_released(sd, 0, 0);
-	CHECK_EQ(simdev_stats_read(sd, &sst), 0);
-	CHECK_EQ(sst.violations, 0);
-	CHECK_EQ(simdev_destroy(sd), 0);
+	simdev_destroy_checked(sd);
 }
 
 int main(void)

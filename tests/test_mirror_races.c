@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 
 #include "check.h"
+#include "simdev_check.h"
 #include "fake_device.h"
 #include "hmm.h"
 #include "hmm/device.h"
@@ -99,15 +100,6 @@ static struct simdev *sim(unsigned int flags, size_t mem)
 	return sd;
 }
 
-static void simdev_done(struct simdev *sd)
-{
-	struct simdev_stats st;
-
-	CHECK_EQ(simdev_stats_read(sd, &st), 0);
-	CHECK_EQ(st.violations, 0);
-	CHECK_EQ(simdev_destroy(sd), 0);
-}
-
 static void device_faults_race_invalidations(void)
 {
 	struct simdev *a = sim(0, 2u << 20), *b = sim(0, 2u << 20);
@@ -170,9 +162,9 @@ static void device_faults_race_invalidations(void)
 	CHECK(ms.fault_rounds >= ms.faults);
 	CHECK(on_a.runs > 1 && on_ml.runs > 1);
 	CHECK_EQ(hmm_munmap(hmm, data, len), 0);
-	simdev_done(a);
-	simdev_done(b);
-	simdev_done(ml);
+	simdev_destroy_checked(a);
+	simdev_destroy_checked(b);
+	simdev_destroy_checked(ml);
 }
 
 /* ---- Unregister, device unregister and fini together ----------------------------- */
