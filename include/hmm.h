@@ -168,7 +168,8 @@ struct hmm_fence;			/* hmm/device.h */
  * mirroring @hmm (hmm_mirror_register()), bad @flags; -EOPNOTSUPP @to has no
  * memory; -EFAULT a page in the range is not libhmm memory
  * (nothing moved); -ENOMEM device memory full and nothing evictable (busy,
- * or its copy home failing); -EIO a copy failed. Pages before the failing
+ * or its copy home failing); -EIO a copy failed, or @to has failed
+ * (hmm_mirror_fail()). Pages before the failing
  * batch have moved. An asynchronous move reports these through its fence,
  * and -ENODEV if @to was released before the move ran (nothing moved to it).
  */

@@ -47,6 +47,11 @@ void hmm_global_unlock(void)
 {
 	pthread_mutex_unlock(&init_lock);
 }
+
+bool hmm_global_trylock(void)
+{
+	return pthread_mutex_trylock(&init_lock) == 0;
+}
 static struct sigaction previous_sigbus;
 
 /* ---- signal mode --------------------------------------------------------- */
@@ -234,6 +239,7 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 	if (!hmm)
 		return -ENOMEM;
 	hmm->uffd = -1;
+	hmm->reap_fd = -1;
 	ret = parse_options(opts, hmm);
 	if (ret)
 		goto fail_free;
@@ -302,6 +308,7 @@ int hmm_fini(struct hmm *hmm)
 	hmm_migrate_stop(hmm);		/* queued migrations finish first */
 	hmm_prefetch_stop(hmm);
 	hmm_fault_service_stop(hmm);
+	hmm_mirror_reaper_stop(hmm);	/* hmm_mirror_release_all() below does its work */
 	pthread_mutex_lock(&hmm->lock);
 	hmm_region_destroy_all(hmm);	/* device pages freed with their regions */
 	pthread_mutex_unlock(&hmm->lock);

@@ -135,6 +135,7 @@ struct hmm_mirror_core {
 	_Atomic long entries;			/* present in @pt */
 	_Atomic long users;			/* calls in flight (mirror.c) */
 	atomic_bool dying;			/* being released: no new entries */
+	atomic_bool failed;			/* device error: released by the reaper (mirror.c) */
 	struct hmm_mirror_counters stat;
 };
 
@@ -186,6 +187,16 @@ struct hmm {
 	struct hmm_mig_job *mig_head, **mig_tail;
 	pthread_t mig_thread;
 	bool mig_running, mig_stop;
+
+	/*
+	 * The reaper (mirror.c): releases mirrors whose device failed. Woken
+	 * through @reap_fd, an eventfd, so that a failure can be reported
+	 * from any context, a SIGBUS handler included.
+	 */
+	int reap_fd;
+	pthread_t reaper;
+	bool reaper_running;			/* under dev_lock */
+	atomic_bool reap_stop;
 
 	/* Sequential prefetch of device pages (fault.c). */
 	pthread_t prefetch_thread;
@@ -341,6 +352,8 @@ void hmm_mirror_put(struct hmm_mirror_core *mc);
  */
 #define HMM_RECLAIM_BUSY_BATCHES 32
 void hmm_reclaim_due(struct hmm *hmm, bool idle);
+/* Stops the thread that releases failed mirrors (hmm_fini(), init_lock held). */
+void hmm_mirror_reaper_stop(struct hmm *hmm);
 /* Releases every mirror (hmm_fini(): the regions are gone already). */
 void hmm_mirror_release_all(struct hmm *hmm);
 /* Releases @hmm's mirror of @dev if there is one. Context: init_lock held. */
@@ -433,6 +446,7 @@ int hmm_fault_service_start(struct hmm *hmm);
 /* init_lock (lock 0): hmm_init/fini, device and mirror registration and release. */
 void hmm_global_lock(void);
 void hmm_global_unlock(void);
+bool hmm_global_trylock(void);
 void hmm_fault_service_stop(struct hmm *hmm);
 
 #endif

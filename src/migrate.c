@@ -385,6 +385,8 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 
 	if (to && atomic_load(&to->dying))
 		return -ENODEV;
+	if (to && atomic_load(&to->failed))
+		return -EIO;
 	memset(m->allocated, 0, sizeof(m->allocated));
 	m->hmm = hmm;
 	m->span = span;

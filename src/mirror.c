@@ -74,12 +74,30 @@
  * users to drain, then free it and call release(). The locks it holds are the
  * process's and the address space's, never the mirror's own (the 2015
  * review's race: the object being freed must not be the one holding the lock).
+ *
+ * Device errors
+ * -------------
+ * A device that fails (a drop, MAP or dirty-query fence returns -EIO, or the
+ * backend calls hmm_mirror_fail()) gets mc->failed set: from then on no
+ * fault of it commits and nothing moves to it, but its pages stay where
+ * they are and are still copied with its copy(). Its release is the
+ * reaper's: a thread per address space, started with the first mirror,
+ * asleep on an eventfd, because a failure is seen where release cannot run
+ * (inside an invalidation with pages busy, under pt_lock, in a SIGBUS
+ * handler) and must be reportable from all of them: mirror_fail() only sets
+ * the flag and writes the eventfd, both async-signal-safe. The reaper takes
+ * init_lock and dev_lock as hmm_mirror_unregister() does, by trylock so that
+ * hmm_fini() (which holds init_lock while it stops the reaper) never waits
+ * for it, and releases every failed mirror: pages home, RELEASE, release().
+ * The reaper is not the fault thread: release waits for the mirror's users,
+ * and a user may be waiting for the fault thread.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -89,6 +107,44 @@
 #include "page_state.h"
 
 /* ---- Users ------------------------------------------------------------------ */
+
+/*
+ * A mirror's hmm and id as the backend's struct has them: written at
+ * registration and release, read by calls that may race a release on
+ * another thread (the reaper's); what they find is checked against the
+ * published mirror, so a stale pair only means "not registered".
+ */
+static inline struct hmm *mirror_hmm(const struct hmm_mirror *mirror)
+{
+	return __atomic_load_n(&mirror->hmm, __ATOMIC_RELAXED);
+}
+
+static inline unsigned int mirror_id(const struct hmm_mirror *mirror)
+{
+	return __atomic_load_n(&mirror->id, __ATOMIC_RELAXED);
+}
+
+/* Marks @mc's device failed and wakes the reaper. Any context, lock-free. */
+static void mirror_fail(struct hmm *hmm, struct hmm_mirror_core *mc)
+{
+	uint64_t one = 1;
+
+	if (atomic_exchange(&mc->failed, true) || hmm->reap_fd < 0)
+		return;
+	/* Cannot fail but for a counter at its maximum, which a wakeup tops anyway. */
+	if (write(hmm->reap_fd, &one, sizeof(one)) != sizeof(one))
+		return;
+}
+
+/* Waits for @f; a failed device's fence marks its mirror failed. Return: wait's. */
+static int fence_wait_mirror(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_fence *f)
+{
+	int ret = hmm_fence_wait_put(f);
+
+	if (ret == -EIO)
+		mirror_fail(hmm, mc);
+	return ret;
+}
 
 /* Counts a call on the mirror with @id; NULL if there is none. */
 static struct hmm_mirror_core *mirror_get(struct hmm *hmm, unsigned int id)
@@ -159,6 +215,102 @@ static void chunk_free(void *ctx, uint64_t chunk)
 	mc->dev->ops->mem_free(mc->dev, chunk);
 }
 
+static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc);
+
+/* Releases every failed mirror, unless hmm_fini() stops the reaper first. */
+static void reap(struct hmm *hmm)
+{
+	while (!hmm_global_trylock()) {
+		if (atomic_load(&hmm->reap_stop))
+			return;
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	}
+	pthread_mutex_lock(&hmm->dev_lock);
+	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
+		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);
+
+		/*
+		 * -EIO: a page of its memory cannot be copied home either; it
+		 * stays registered, failed, and is tried again at the next
+		 * failure reported or by whoever unregisters it.
+		 */
+		if (mc && atomic_load(&mc->failed))
+			mirror_release(hmm, mc);
+	}
+	pthread_mutex_unlock(&hmm->dev_lock);
+	hmm_global_unlock();
+}
+
+static void *reaper_thread(void *arg)
+{
+	struct hmm *hmm = arg;
+	uint64_t n;
+
+	while (!atomic_load(&hmm->reap_stop)) {
+		if (read(hmm->reap_fd, &n, sizeof(n)) != sizeof(n))
+			continue;	/* EINTR */
+		if (!atomic_load(&hmm->reap_stop))
+			reap(hmm);
+	}
+	return NULL;
+}
+
+/* Context: dev_lock held. */
+static int reaper_start(struct hmm *hmm)
+{
+	if (hmm->reaper_running)
+		return 0;
+	hmm->reap_fd = eventfd(0, EFD_CLOEXEC);
+	if (hmm->reap_fd < 0)
+		return -ENOMEM;
+	if (pthread_create(&hmm->reaper, NULL, reaper_thread, hmm)) {
+		close(hmm->reap_fd);
+		hmm->reap_fd = -1;
+		return -ENOMEM;
+	}
+	hmm->reaper_running = true;
+	return 0;
+}
+
+void hmm_mirror_reaper_stop(struct hmm *hmm)
+{
+	uint64_t one = 1;
+
+	if (!hmm->reaper_running)
+		return;
+	atomic_store(&hmm->reap_stop, true);
+	if (write(hmm->reap_fd, &one, sizeof(one)) != sizeof(one))
+		abort();	/* an eventfd write of 1 cannot fail */
+	pthread_join(hmm->reaper, NULL);
+	close(hmm->reap_fd);
+	hmm->reap_fd = -1;
+	hmm->reaper_running = false;
+}
+
+int hmm_mirror_fail(struct hmm_mirror *mirror)
+{
+	struct hmm_mirror_core *mc;
+	struct hmm *hmm;
+	int ret = -ENODEV;
+
+	if (!mirror)
+		return -EINVAL;
+	/* The read section keeps the mirror (and hmm_fini()) from freeing it under us. */
+	hmm_rcu_read_lock();
+	hmm = __atomic_load_n(&hmm_live, __ATOMIC_ACQUIRE);
+	if (hmm && mirror_hmm(mirror) == hmm) {
+		unsigned int id = mirror_id(mirror);
+
+		mc = id && id <= HMM_MAX_DEVICES ? hmm_mirror_by_id(hmm, id) : NULL;
+		if (mc && mc->mirror == mirror) {
+			mirror_fail(hmm, mc);
+			ret = 0;
+		}
+	}
+	hmm_rcu_read_unlock();
+	return ret;
+}
+
 int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
 {
 	struct hmm_device *dev = mirror ? mirror->device : NULL;
@@ -190,6 +342,9 @@ int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
 		ret = -EBUSY;
 		goto out_dev;
 	}
+	ret = reaper_start(hmm);
+	if (ret)
+		goto out_dev;
 	for (id = 1; id <= HMM_MAX_DEVICES && hmm_mirror_by_id(hmm, id); id++)
 		;
 	if (id > HMM_MAX_DEVICES) {
@@ -207,8 +362,8 @@ int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
 	mc->id = id;
 	hmm_devmem_init(&mc->mem, &(struct hmm_devmem_backend){
 		.chunk_alloc = chunk_alloc, .chunk_free = chunk_free, .ctx = mc });
-	mirror->hmm = hmm;
-	mirror->id = id;
+	__atomic_store_n(&mirror->hmm, hmm, __ATOMIC_RELAXED);
+	__atomic_store_n(&mirror->id, id, __ATOMIC_RELAXED);
 	mirror->core = mc;
 	if (id > atomic_load(&hmm->mirror_max))
 		atomic_store_explicit(&hmm->mirror_max, id, memory_order_release);
@@ -281,8 +436,9 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	wait_users(mc);
 	hmm_devmem_fini(&mc->mem);
 	hmm_pt_fini(&mc->pt);
-	mirror->hmm = NULL;
-	mirror->id = 0;
+	/* Read lock-free by the calls that take a mirror (mirror_hmm()). */
+	__atomic_store_n(&mirror->hmm, NULL, __ATOMIC_RELAXED);
+	__atomic_store_n(&mirror->id, 0, __ATOMIC_RELAXED);
 	mirror->core = NULL;
 	free(mc);
 	if (mirror->device->ops->release)
@@ -345,8 +501,8 @@ int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *st
 
 	if (!mirror || !st)
 		return -EINVAL;
-	if (!hmm_is_live(mirror->hmm) || !(mc = mirror_get(mirror->hmm, mirror->id)) ||
-	    mc->mirror != mirror) {
+	if (!hmm_is_live(mirror_hmm(mirror)) ||
+	    !(mc = mirror_get(mirror_hmm(mirror), mirror_id(mirror))) || mc->mirror != mirror) {
 		if (mc)
 			mirror_put(mc);
 		return -ENODEV;
@@ -492,6 +648,7 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
 	struct hmm_mirror_core *hit[HMM_MAX_DEVICES];
 	struct hmm_fence *fence[MAX_INVAL_FENCES];
+	struct hmm_mirror_core *fence_mc[MAX_INVAL_FENCES];
 	unsigned int nhit = 0, nfence = 0;
 	struct hmm_event ev = { .type = type, .start = start, .end = end, .owner = owner };
 
@@ -520,21 +677,21 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		if (f) {
 			if (nfence == MAX_INVAL_FENCES) {
 				for (unsigned int i = 0; i < nfence; i++)
-					hmm_fence_wait_put(fence[i]);
+					fence_wait_mirror(hmm, fence_mc[i], fence[i]);
 				nfence = 0;
 			}
+			fence_mc[nfence] = mc;
 			fence[nfence++] = f;
 		}
 	}
 	/*
 	 * All fences together: invalidating N devices costs about one device
-	 * latency. A fence that fails (-EIO) means a device that cannot tell
-	 * whether it stopped using the entries: nothing can be done for its
-	 * pages but to wait for it no further; the data of host frames is
-	 * intact, and device pages are copied only by later migrations.
+	 * latency. A fence that fails (-EIO) is a device error (device.h: the
+	 * device has stopped and will not access memory again): the mirror is
+	 * marked failed, and the reaper releases it (top of file).
 	 */
 	for (unsigned int i = 0; i < nfence; i++)
-		hmm_fence_wait_put(fence[i]);
+		fence_wait_mirror(hmm, fence_mc[i], fence[i]);
 	for (unsigned int i = 0; i < nhit; i++) {
 		clear_entries(hmm, hit[i], start, end);
 		mirror_put(hit[i]);
@@ -591,7 +748,7 @@ int hmm_dirty(struct hmm *hmm, void *addr, size_t length, unsigned char *vec)
 		}
 		hmm_spin_unlock(&mc->pt_lock);
 		if (f)
-			hmm_fence_wait_put(f);
+			fence_wait_mirror(hmm, mc, f);
 		mirror_put(mc);
 	}
 	return 0;
@@ -691,6 +848,10 @@ static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
 		hmm_spin_unlock(&mc->pt_lock);
 		return -ENODEV;
 	}
+	if (atomic_load(&mc->failed)) {
+		hmm_spin_unlock(&mc->pt_lock);
+		return -EIO;
+	}
 	if (atomic_load_explicit(&f->backoff, memory_order_relaxed)) {
 		hmm_spin_unlock(&mc->pt_lock);
 		return -EAGAIN;
@@ -703,7 +864,7 @@ static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
 	}
 	hmm_spin_unlock(&mc->pt_lock);
 	if (fence) {
-		int w = hmm_fence_wait_put(fence);
+		int w = fence_wait_mirror(mc->mirror->hmm, mc, fence);
 
 		if (!ret)
 			ret = w;
@@ -803,7 +964,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
 	bool write = flags & HMM_FAULT_WRITE;
-	struct hmm *hmm = mirror ? mirror->hmm : NULL;
+	struct hmm *hmm = mirror ? mirror_hmm(mirror) : NULL;
 	struct hmm_mirror_core *mc;
 	struct fault_batch *fb;
 	unsigned int tries = 0;
@@ -813,11 +974,15 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 	end = (end + HMM_PAGE_SIZE - 1) & HMM_PAGE_MASK;
 	if (!mirror || start >= end || !hmm_range_valid(start, end) || (flags & ~HMM_FAULT_WRITE))
 		return -EINVAL;
-	if (!hmm_is_live(hmm) || !(mc = mirror_get(hmm, mirror->id)))
+	if (!hmm_is_live(hmm) || !(mc = mirror_get(hmm, mirror_id(mirror))))
 		return -ENODEV;
 	if (mc->mirror != mirror || atomic_load(&mc->dying)) {
 		mirror_put(mc);
 		return -ENODEV;
+	}
+	if (atomic_load(&mc->failed)) {
+		mirror_put(mc);
+		return -EIO;
 	}
 	fb = malloc(sizeof(*fb));
 	if (!fb) {

@@ -848,6 +848,19 @@ static long do_mirror_stats(struct ctx *c, const struct args *a)
 	return r;
 }
 
+/*
+ * hmm_mirror_fail() on what is no registered mirror (a valid one would be
+ * released: test_fault_injection covers that): nothing else changes.
+ */
+static long do_mirror_fail(struct ctx *c, const struct args *a)
+{
+	long r = hmm_mirror_fail(mirror_of(c, a->m));
+
+	if (c->hmm)
+		rw_check(c);
+	return r;
+}
+
 /* simdev_mirror(): NULL for NULL; else the mirror of simdev_device(), on @hmm. */
 static long do_simdev_mirror(struct ctx *c, const struct args *a)
 {
@@ -1533,6 +1546,14 @@ static const struct row rows[] = {
 	ROW("hmm_mirror_stats_read", "a copy of a registered mirror", do_mirror_stats, -ENODEV,
 	    .m = M_COPY),
 
+	/* hmm_mirror_fail */
+	ROW("hmm_mirror_fail", "NULL mirror", do_mirror_fail, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_fail", "never registered", do_mirror_fail, -ENODEV, .m = M_NEVER),
+	ROW("hmm_mirror_fail", "released, its device registered still", do_mirror_fail,
+	    -ENODEV, .m = M_DEAD),
+	ROW("hmm_mirror_fail", "a copy of a registered mirror", do_mirror_fail, -ENODEV,
+	    .m = M_COPY),
+
 	/* hmm_device_mem_used */
 	ROW("hmm_device_mem_used", "NULL", do_mem_used, 0, .dev = D_NULL),
 	ROW("hmm_device_mem_used", "never registered", do_mem_used, 0, .dev = D_NEVER),
@@ -1544,6 +1565,7 @@ static const struct row rows[] = {
 	    .m = M_REGISTERED),
 	AFTER("hmm_mirror_fault", "released by hmm_fini", do_mirror_fault, -ENODEV, 0),
 	AFTER("hmm_mirror_stats_read", "released by hmm_fini", do_mirror_stats, -ENODEV, 0),
+	AFTER("hmm_mirror_fail", "released by hmm_fini", do_mirror_fail, -ENODEV, 0),
 	AFTER("hmm_device_mem_used", "mirror released by hmm_fini", do_mem_used, 0, 0),
 	AFTER("hmm_migrate", "mirror released by hmm_fini, new address space",
 	    do_migrate_to_released, -EINVAL, 0),
@@ -1588,7 +1610,7 @@ static const struct row rows[] = {
 	ROW("simdev_inject", "valid (control)", do_inject, 0, .flags = SIMDEV_FENCE_EIO),
 	ROW("simdev_inject", "NULL", do_inject, -EINVAL, .dev = D_NULL),
 	ROW("simdev_inject", "knob one past the last", do_inject, -EINVAL,
-	    .flags = SIMDEV_FENCE_EIO + 1),
+	    .flags = SIMDEV_DIE + 1),
 	ROW("simdev_inject", "knob -1", do_inject, -EINVAL, .flags = UINT32_MAX),
 	AFTER("simdev_set_dma", "after hmm_fini", do_set_dma, 0, 0),
 	AFTER("simdev_stats_read", "after hmm_fini", do_stats_sim, 0, 0),

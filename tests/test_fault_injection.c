@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Fault injection through simdev's knobs (simdev_inject: FAIL_ALLOC,
- * FAIL_COPY, FENCE_EAGAIN, FENCE_EIO) against every path that moves pages:
+ * FAIL_COPY, FENCE_EAGAIN, FENCE_EIO, SHOOTDOWN_EIO, DIE) against every path that moves pages:
  * hmm_migrate() to a device, home and device to device, synchronous and
  * asynchronous; device faults from simdev kernels; CPU faults on
  * device-resident pages; eviction; unregistering a device. In both CPU fault
@@ -22,14 +22,20 @@
  * counts release()); a memoryless mirror faulting pages whose copies home
  * fail gets -EIO and stays usable.
  *
- * Not testable yet (no device-error path on main): a device dying in the
- * middle of a kernel. The last section says what is missing and reports it
- * skipped.
+ * Device errors (SIMDEV_DIE, SIMDEV_SHOOTDOWN_EIO, hmm_mirror_fail()): a
+ * device dying in the middle of a kernel, alone and racing a migrator and
+ * CPU readers; a failed TLB shootdown; a dead device whose copies fail too.
+ * After each: the mirror is released by the core (the reaper) or, when its
+ * pages cannot come home, stays failed with them intact on the device; every
+ * page holds the old data or exactly what the kernel reports it wrote.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <hmm.h>
 #include <hmm/device.h>
@@ -791,29 +797,201 @@ static void memoryless_mirror_pages_on_a_device(void)
 	destroy(ml);
 }
 
-/* ---- not testable yet ------------------------------------------------------------------------ */
+/* ---- device errors ------------------------------------------------------------------------ */
+
+/* Waits (up to 10 s) for the core's reaper to release @sd's mirror. */
+static void wait_released(struct simdev *sd)
+{
+	struct hmm_mirror_stats st;
+
+	for (int i = 0; i < 10000 && hmm_mirror_stats_read(simdev_mirror(sd), &st) == 0; i++)
+		usleep(1000);
+	CHECK_EQ(hmm_mirror_stats_read(simdev_mirror(sd), &st), -ENODEV);
+	/* Serialised with the release (init_lock): it has returned after this. */
+	CHECK_EQ(hmm_mirror_unregister(simdev_mirror(sd)), -ENOENT);
+	CHECK(simdev_mirror(sd)->hmm == NULL);
+}
+
+/* What a released (dead) device still answers. */
+static void check_dead(struct simdev *sd, char *p, size_t len)
+{
+	struct scan s = { .base = (uintptr_t)p, .pages = 1, .gen = 0 };
+
+	CHECK_EQ(used(sd), 0);
+	CHECK_EQ(simdev_run(sd, scan_kernel, &s), -EIO);
+	CHECK_EQ(hmm_migrate(hmm, p, len, simdev_device(sd), 0, NULL), -EINVAL);
+	CHECK_EQ(hmm_mirror_fault(simdev_mirror(sd), (uintptr_t)p, (uintptr_t)p + PAGE, 0),
+		 -ENODEV);
+}
+
+/* Page i of a two-thread scan_kernel write was written iff its thread got that far. */
+static void verify_scan(const struct scan *s, unsigned int threads)
+{
+	for (size_t i = 0; i < s->pages; i++)
+		verify_page((char *)s->base + i * PAGE,
+			    i / threads < s->done[i % threads] ? s->gen + 1 : s->gen);
+}
 
 /*
- * NOT YET TESTABLE: a device dying in the middle of a kernel. main has no
- * device-error path: a fence of an invalidation (update() drop) that
- * returns -EIO is waited for and ignored (src/mirror.c,
- * hmm_inval_mirrors()), nothing releases a mirror on a device error although
- * device.h lists it among release()'s callers, and simdev has no knob that
- * fails an update() fence or kills the device (SIMDEV_FENCE_EIO fails copy
- * fences only). The cases to write then:
- *   - the kernel's simdev_run() returns the death's -errno, its pages come
- *     home or are poisoned as the error path decides, and CPU accesses to
- *     lost pages get SIGBUS;
- *   - migrations, device faults and CPU faults racing the death;
- *   - fences of a dead device completing with -EIO, never hanging;
- *   - release() called once, by the error, and hmm_mirror_unregister() then
- *     -ENOENT.
+ * A device dies in the middle of a kernel that writes page after page, half
+ * of them already in its memory: the kernel fails with -EIO, the core
+ * releases the mirror (the reaper), every page comes home, and each holds
+ * exactly what the kernel reports it wrote, or the old data.
  */
-static void not_yet_testable(void)
+static void device_dies_mid_kernel(void)
 {
-	printf("skipped: device death in the middle of a kernel: no device-error path "
-	       "(an invalidation fence's -EIO is waited and ignored in hmm_inval_mirrors(); "
-	       "no release() on a device error; no simdev knob fails an update() fence)\n");
+	struct simdev *sd = sim(8 * MiB, 2);
+	size_t len = 2 * MiB;
+	char *mapping, *p = map_blocks(len, &mapping);
+	struct scan s = { .base = (uintptr_t)p, .pages = len / PAGE, .gen = 20, .write = true };
+
+	fill(p, len, 20);
+	CHECK_EQ(migrate(p, len / 2, sd, false), 0);
+	inject(sd, SIMDEV_DIE, 200);
+	CHECK_EQ(simdev_run(sd, scan_kernel, &s), -EIO);
+	CHECK(s.done[0] + s.done[1] < 200);
+	CHECK(s.done[0] + s.done[1] > 100);
+	wait_released(sd);
+	check_dead(sd, p, len);
+	verify_scan(&s, 2);
+	unmap(mapping, len + BLOCK, sd, NULL);
+	destroy(sd);
+}
+
+/*
+ * A drop's fence fails (SIMDEV_SHOOTDOWN_EIO): the device error path. The
+ * invalidation that saw it completes (here a munmap of part of the range),
+ * the mirror is released, the rest of the pages come home intact. The same
+ * through hmm_mirror_fail(), called as a backend would.
+ */
+static void shootdown_fails(void)
+{
+	for (int how = 0; how < 2; how++) {
+		struct simdev *sd = sim(8 * MiB, 2);
+		size_t len = 2 * MiB, gone = how == 0 ? BLOCK : 0;
+		char *p = map(len);
+		struct scan s = { .base = (uintptr_t)p, .pages = len / PAGE, .gen = 21 };
+		struct simdev_stats before;
+
+		fill(p, len, 21);
+		CHECK_EQ(simdev_run(sd, scan_kernel, &s), 0);	/* mapped, and on the device */
+		CHECK_EQ(s.bad[0] + s.bad[1], 0);
+		CHECK_EQ(used(sd), len);
+		before = sim_stats(sd);
+		if (how == 0) {
+			inject(sd, SIMDEV_SHOOTDOWN_EIO, 1);
+			CHECK_EQ(hmm_munmap(hmm, p, gone), 0);
+		} else {
+			CHECK_EQ(hmm_mirror_fail(simdev_mirror(sd)), 0);
+			CHECK_EQ(hmm_mirror_fail(simdev_mirror(sd)), 0);	/* once is enough */
+		}
+		wait_released(sd);
+		CHECK_EQ(hmm_mirror_fail(simdev_mirror(sd)), -ENODEV);
+		CHECK(sim_stats(sd).drops > before.drops);
+		CHECK_EQ(used(sd), 0);
+		/* Not dead, only released: a kernel now finds no mirror. */
+		CHECK_EQ(simdev_run(sd, scan_kernel, &s), -ENODEV);
+		verify(p + gone, len - gone, 21);
+		unmap(p + gone, len - gone, sd, NULL);
+		destroy(sd);
+	}
+}
+
+/*
+ * A dead device whose copies home fail too: nothing can be brought back, so
+ * the mirror stays registered and failed (faults -EIO, nothing moves to it),
+ * its pages stay on it, intact; once copies work again, unregistering it
+ * brings them home.
+ */
+static void dead_device_copies_fail(void)
+{
+	struct simdev *sd = sim(8 * MiB, 1);
+	size_t len = MiB;
+	char *p = map(len);
+	struct hmm_mirror_stats st;
+
+	fill(p, len, 22);
+	CHECK_EQ(migrate(p, len, sd, false), 0);
+	inject(sd, SIMDEV_FAIL_COPY, LOTS);
+	CHECK_EQ(hmm_mirror_fail(simdev_mirror(sd)), 0);
+	usleep(50000);		/* the reaper tries, and fails */
+	CHECK_EQ(hmm_mirror_stats_read(simdev_mirror(sd), &st), 0);
+	CHECK_EQ(used(sd), len);
+	CHECK_EQ(hmm_mirror_fault(simdev_mirror(sd), (uintptr_t)p, (uintptr_t)p + PAGE, 0), -EIO);
+	CHECK_EQ(hmm_migrate(hmm, p, len, simdev_device(sd), 0, NULL), -EIO);
+	inject(sd, SIMDEV_FAIL_COPY, 0);
+	CHECK_EQ(hmm_mirror_unregister(simdev_mirror(sd)), 0);
+	CHECK_EQ(used(sd), 0);
+	verify(p, len, 22);
+	unmap(p, len, sd, NULL);
+	destroy(sd);
+}
+
+/*
+ * The death races everything that uses the device: a thread migrating the
+ * range to the device and home in a loop, and the CPU reading it, while a
+ * kernel writes and the device dies. Whatever interleaving, each page ends
+ * with the kernel's data or the old, the migrator sees only the errors a
+ * dying device gives, and the mirror is released once.
+ */
+struct racer {
+	char *p;
+	size_t len;
+	struct simdev *sd;
+	atomic_bool stop;
+	unsigned long moves, reads;
+};
+
+static void *migrator(void *arg)
+{
+	struct racer *r = arg;
+
+	while (!atomic_load(&r->stop)) {
+		int ret = hmm_migrate(hmm, r->p, r->len, simdev_device(r->sd), 0, NULL);
+
+		CHECK(ret == 0 || ret == -EIO || ret == -EINVAL || ret == -ENODEV);
+		CHECK_EQ(hmm_migrate(hmm, r->p, r->len, NULL, 0, NULL), 0);
+		r->moves++;
+	}
+	return NULL;
+}
+
+static void *cpu_reader(void *arg)
+{
+	struct racer *r = arg;
+	volatile uint64_t sink = 0;
+
+	while (!atomic_load(&r->stop)) {
+		for (size_t off = 0; off < r->len; off += PAGE)
+			sink += *(volatile uint64_t *)(r->p + off + 8);
+		r->reads++;
+	}
+	(void)sink;
+	return NULL;
+}
+
+static void death_races_movers(void)
+{
+	struct simdev *sd = sim(8 * MiB, 2);
+	size_t len = 2 * MiB;
+	char *mapping, *p = map_blocks(len, &mapping);
+	struct scan s = { .base = (uintptr_t)p, .pages = len / PAGE, .gen = 23, .write = true };
+	struct racer r = { .p = p, .len = len, .sd = sd };
+	pthread_t mig, rd;
+
+	fill(p, len, 23);
+	CHECK_EQ(pthread_create(&mig, NULL, migrator, &r), 0);
+	CHECK_EQ(pthread_create(&rd, NULL, cpu_reader, &r), 0);
+	inject(sd, SIMDEV_DIE, 300);
+	CHECK_EQ(simdev_run(sd, scan_kernel, &s), -EIO);
+	wait_released(sd);
+	atomic_store(&r.stop, true);
+	CHECK_EQ(pthread_join(mig, NULL), 0);
+	CHECK_EQ(pthread_join(rd, NULL), 0);
+	check_dead(sd, p, len);
+	verify_scan(&s, 2);
+	unmap(mapping, len + BLOCK, sd, NULL);
+	destroy(sd);
 }
 
 static void all(enum hmm_fault_mode mode)
@@ -837,6 +1015,10 @@ static void all(enum hmm_fault_mode mode)
 	RUN(mirror_survives_failures);
 	RUN(fake_mirror_survives_failures);
 	RUN(memoryless_mirror_pages_on_a_device);
+	RUN(device_dies_mid_kernel);
+	RUN(shootdown_fails);
+	RUN(dead_device_copies_fail);
+	RUN(death_races_movers);
 	CHECK_EQ(hmm_fini(hmm), 0);
 	hmm = NULL;
 }
@@ -854,6 +1036,5 @@ int main(void)
 	seed = test_seed(0xfa11);
 	all(HMM_FAULT_THREAD);
 	all(HMM_FAULT_SIGNAL);
-	not_yet_testable();
 	return 0;
 }

@@ -86,6 +86,16 @@ static void thread_fail(struct simdev_thread *t, int err)
 		t->err = err;
 }
 
+/* SIMDEV_DIE: is the device dead at this access? Then the access fails. */
+static inline bool access_dies(struct simdev_thread *t)
+{
+	if (simdev_likely(!atomic_load_explicit(&t->sd->mortal, memory_order_relaxed)) ||
+	    !simdev_dies(t->sd))
+		return false;
+	thread_fail(t, -EIO);
+	return true;
+}
+
 static void violation(struct simdev_thread *t)
 {
 	simdev_count(&t->sd->stat.violations, 1);
@@ -249,7 +259,7 @@ static inline char *translate(struct simdev_thread *t, uintptr_t addr, bool writ
 static int access_bytes(struct simdev_thread *t, uintptr_t addr, size_t len, bool write,
 			char *out, const char *in)
 {
-	if (t->err)
+	if (t->err || access_dies(t))
 		return t->err;
 	if (len > UINTPTR_MAX - addr || (len && !(write ? in : out))) {
 		thread_fail(t, -EINVAL);
@@ -293,7 +303,7 @@ static uint64_t *word(struct simdev_thread *t, uintptr_t addr, bool write)
 {
 	char *page;
 
-	if (t->err)
+	if (t->err || access_dies(t))
 		return NULL;
 	if (addr & 7) {
 		thread_fail(t, -EINVAL);

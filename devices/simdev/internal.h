@@ -140,6 +140,7 @@ struct simdev_shootdown {
 	struct hmm_fence base;
 	struct simdev *sd;
 	uint64_t gen;
+	bool fail;			/* SIMDEV_SHOOTDOWN_EIO */
 };
 
 #define SIMDEV_SHOOTDOWN_FENCES	64	/* bits of mmu.fence_used */
@@ -252,7 +253,7 @@ struct simdev_counters {
 	_Atomic uint64_t chunks_used;
 };
 
-#define SIMDEV_NR_INJECT	(SIMDEV_FENCE_EIO + 1)
+#define SIMDEV_NR_INJECT	(SIMDEV_DIE + 1)
 
 struct simdev {
 	struct hmm_device dev;		/* the core's view of the device */
@@ -271,6 +272,12 @@ struct simdev {
 	struct simdev_thread *thread;	/* [nr_threads], cache-line aligned */
 
 	_Atomic unsigned int inject[SIMDEV_NR_INJECT];	/* armed counts */
+	/*
+	 * SIMDEV_DIE armed or done: the accessors' one check on their fast
+	 * path. @dead is set once, by the access that dies (simdev_die()).
+	 */
+	atomic_bool mortal;
+	atomic_bool dead;
 	struct simdev_counters stat;
 };
 
@@ -297,5 +304,7 @@ static inline bool simdev_is_simdev(const struct hmm_device *dev)
  * Lock-free, so callable from any path.
  */
 bool simdev_inject_take(struct simdev *sd, enum simdev_inject what);
+/* SIMDEV_DIE: counts an access down; true if the device is (now) dead. */
+bool simdev_dies(struct simdev *sd);
 
 #endif

@@ -132,6 +132,10 @@ int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg)
 	run = &sd->run;
 	if (!atomic_compare_exchange_strong(&run->busy, &idle, true))
 		return -EBUSY;
+	if (atomic_load(&sd->dead)) {
+		atomic_store(&run->busy, false);
+		return -EIO;
+	}
 
 	pthread_mutex_lock(&run->lock);
 	run->fn = fn;
@@ -143,9 +147,14 @@ int simdev_run(struct simdev *sd, simdev_kernel_fn fn, void *arg)
 		pthread_cond_wait(&run->done, &run->lock);
 	pthread_mutex_unlock(&run->lock);
 
-	/* The first error by thread index: deterministic when several fail. */
+	/*
+	 * The first error by thread index: deterministic when several fail.
+	 * A kernel the device died in says so, whatever its threads hit after.
+	 */
 	for (unsigned int i = 0; i < sd->nr_threads && !err; i++)
 		err = sd->thread[i].err;
+	if (err && atomic_load(&sd->dead))
+		err = -EIO;
 	atomic_store(&run->busy, false);
 	return err;
 }

@@ -339,7 +339,8 @@ static int shootdown_fence_wait(struct hmm_fence *fence)
 	if (simdev_inject_take(f->sd, SIMDEV_FENCE_EAGAIN))
 		return -EAGAIN;
 	shootdown_wait_threads(f->sd, f->gen);
-	return 0;
+	/* Failed or dead: the threads are off the entries all the same (no violation). */
+	return f->fail || atomic_load(&f->sd->dead) ? -EIO : 0;
 }
 
 static void shootdown_fence_release(struct hmm_fence *fence)
@@ -367,6 +368,7 @@ static void mmu_drop(struct simdev *sd, uintptr_t vpn, uintptr_t end, struct hmm
 {
 	struct simdev_shootdown *f;
 	uint64_t gen;
+	bool fail;
 
 	pthread_mutex_lock(&sd->mmu.drop_lock);
 	gen = atomic_load_explicit(&sd->mmu.gen, memory_order_relaxed);
@@ -378,16 +380,20 @@ static void mmu_drop(struct simdev *sd, uintptr_t vpn, uintptr_t end, struct hmm
 	pthread_mutex_unlock(&sd->mmu.drop_lock);
 	simdev_count(&sd->stat.drops, 1);
 
-	if (simdev_shootdown_done(sd, gen))
+	fail = simdev_inject_take(sd, SIMDEV_SHOOTDOWN_EIO);
+	if (simdev_shootdown_done(sd, gen) && !fail)
 		return;
 	simdev_count(&sd->stat.shootdowns, 1);
 	f = fence ? shootdown_fence_get(sd) : NULL;
 	if (!f) {
 		/* The pool is dry (or the caller wants no fence): wait here. */
 		shootdown_wait_threads(sd, gen);
+		if (fail)
+			hmm_mirror_fail(&sd->mirror);	/* lock-free: allowed in update() */
 		return;
 	}
 	f->gen = gen;
+	f->fail = fail;
 	*fence = &f->base;
 }
 

@@ -246,8 +246,31 @@ int simdev_inject(struct simdev *sd, enum simdev_inject what, unsigned int count
 {
 	if (!sd || (unsigned int)what >= SIMDEV_NR_INJECT)
 		return -EINVAL;
+	if (what == SIMDEV_DIE && atomic_load(&sd->dead))
+		return 0;	/* dead stays dead */
 	atomic_store(&sd->inject[what], count);
+	if (what == SIMDEV_DIE)
+		atomic_store(&sd->mortal, count != 0);
 	return 0;
+}
+
+/* Armed (@mortal): the count runs down to the access that dies; 0 is dead. */
+bool simdev_dies(struct simdev *sd)
+{
+	unsigned int n = atomic_load_explicit(&sd->inject[SIMDEV_DIE], memory_order_relaxed);
+
+	do {
+		if (!n)
+			return true;	/* dead, or dying in another thread right now */
+	} while (!atomic_compare_exchange_weak_explicit(&sd->inject[SIMDEV_DIE], &n, n - 1,
+							memory_order_relaxed, memory_order_relaxed));
+	if (n != 1)
+		return false;
+	/* This access is the one that dies: only one thread gets here. */
+	atomic_store(&sd->dead, true);
+	if (atomic_load(&sd->mirrored))
+		hmm_mirror_fail(&sd->mirror);
+	return true;
 }
 
 bool simdev_inject_take(struct simdev *sd, enum simdev_inject what)

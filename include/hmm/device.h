@@ -40,7 +40,8 @@
  * access to libhmm memory outside the library, so no core lock is held) and,
  * where you can, of malloc. mem_alloc() is never called from the handler.
  * Unless a callback's comment says otherwise it must not call back into the
- * core; hmm_fence_get() / hmm_fence_put() may be called from anywhere.
+ * core; hmm_fence_get(), hmm_fence_put() and hmm_mirror_fail() may be called
+ * from anywhere.
  */
 #ifndef HMM_DEVICE_H
 #define HMM_DEVICE_H
@@ -66,8 +67,12 @@ struct hmm_fence;
 struct hmm_fence_ops {
 	/*
 	 * wait - block until the work behind @fence is complete.
-	 * Return: 0 done; -EIO the work failed (the core keeps the data where it
-	 * was); -EAGAIN not done yet, call again (the core does, at once).
+	 * Return: 0 done; -EAGAIN not done yet, call again (the core does, at
+	 * once); -EIO the work failed. For a copy's fence that is a failed
+	 * copy (the core keeps the data where it was). For an update()'s
+	 * fence it is a device error: return it only once the device can no
+	 * longer access memory through the entries (stopped, reset); the core
+	 * then treats the device as failed (hmm_mirror_fail()).
 	 */
 	int (*wait)(struct hmm_fence *fence);
 	/* release - the last reference is gone: free the fence. */
@@ -205,7 +210,7 @@ struct hmm_device_ops {
 	 * event of @mirror runs meanwhile: keep it short, do not block on device progress
 	 * (return a fence instead), do not call the core except
 	 * hmm_mirror_walk() and hmm_mirror_set_dirty() for @mirror and the
-	 * event's range. May run in a SIGBUS handler (drops only).
+	 * event's range, and hmm_mirror_fail(). May run in a SIGBUS handler (drops only).
 	 * Return: 0; a -errno for HMM_EVENT_MAP fails the fault; drops and
 	 * ISDIRTY must not fail (report a broken device through the fence).
 	 */
@@ -241,8 +246,9 @@ struct hmm_device_ops {
 	/*
 	 * release - the last call for @mirror, made exactly once, by whichever
 	 * comes first: hmm_mirror_unregister(), hmm_fini(),
-	 * hmm_device_unregister(), or a device error (a fence of @mirror's
-	 * returning -EIO). Every page of @mirror's device memory has gone home
+	 * hmm_device_unregister(), or a device error (hmm_mirror_fail(), or an
+	 * update() fence of @mirror's returning -EIO: the core's reaper thread
+	 * calls it then). Every page of @mirror's device memory has gone home
 	 * and every entry has been dropped. The core touches @mirror no more
 	 * after it returns, so the backend may free it here. Optional.
 	 * Context: no core lock the backend can see; must not call the core.
@@ -327,6 +333,23 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
 #define HMM_MAX_DEVICES	255
 
 /*
+ * hmm_mirror_fail - report that @mirror's device has failed: it has stopped
+ * and will not access memory through its entries again (a GPU's channel
+ * killed after an MMU fault, a NIC reset). From then on hmm_mirror_fault()
+ * of @mirror returns -EIO and nothing migrates to the device, but its pages
+ * stay where they are, so no data is lost: soon after (on the core's reaper
+ * thread) the mirror is released as hmm_mirror_unregister() would, every
+ * page copied home with the device's copy(), which must still work, then
+ * release(). If a page cannot be copied home the mirror stays registered
+ * and failed with that page on the device, and the release is tried again
+ * at the next failure reported or by hmm_mirror_unregister() /
+ * hmm_device_unregister(). An update() fence returning -EIO does the same.
+ * Context: any, a callback or a signal handler included (lock-free).
+ * Return: 0; -EINVAL NULL; -ENODEV @mirror is not registered (or released).
+ */
+int hmm_mirror_fail(struct hmm_mirror *mirror);
+
+/*
  * hmm_mirror_fault - a device MMU miss: make [@start, @end) usable by the
  * device and program it with update(HMM_EVENT_MAP). The range is rounded out
  * to whole pages.
@@ -345,7 +368,7 @@ int hmm_mirror_unregister(struct hmm_mirror *mirror);
  * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
  * or its protection forbids the access: the pages before it are mapped, in
  * the same round; -ENOMEM device memory full and nothing evictable; -EIO a
- * copy failed; -EINVAL @mirror NULL, bad range or flags; -ENODEV @mirror is
+ * copy failed, or the device has failed (hmm_mirror_fail()); -EINVAL @mirror NULL, bad range or flags; -ENODEV @mirror is
  * not registered (or released: by hmm_fini() too).
  * Context: any thread but a signal handler; no core lock held.
  */

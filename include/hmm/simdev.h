@@ -102,7 +102,8 @@ typedef void (*simdev_kernel_fn)(struct simdev_thread *t, unsigned int index,
 /*
  * simdev_run - run @fn on every device thread and wait for all of them.
  * Return: 0; the first error an access hit (-EFAULT not libhmm memory,
- * -EACCES, -ENOMEM, -EIO, -ENODEV the mirror is released, by hmm_fini()
+ * -EACCES, -ENOMEM, -EIO a copy failed or the device is dead (SIMDEV_DIE),
+ * -ENODEV the mirror is released, by hmm_fini()
  * for one: see hmm_mirror_fault()); -EINVAL; -EBUSY a kernel is already
  * running on @sd.
  */
@@ -152,6 +153,25 @@ enum simdev_inject {
 	SIMDEV_FAIL_COPY,	/* the next @count copies fail with -EIO */
 	SIMDEV_FENCE_EAGAIN,	/* fence waits return -EAGAIN @count times first */
 	SIMDEV_FENCE_EIO,	/* the next @count copy fences complete with -EIO */
+	/*
+	 * The next @count drops' fences complete with -EIO once the threads
+	 * have left the dropped entries: a device that reports its TLB
+	 * shootdown failed, which the core takes as a device error (the mirror
+	 * is released, hmm_mirror_fail()). The device itself goes on working.
+	 */
+	SIMDEV_SHOOTDOWN_EIO,
+	/*
+	 * The device dies at the @count-th kernel memory access from now (1:
+	 * the next), in the middle of whatever kernel makes it: that access
+	 * and every later one fails with -EIO (simdev_run() returns -EIO, at
+	 * once for a new kernel), its drops' fences complete with -EIO, and
+	 * simdev reports the failure (hmm_mirror_fail()), so the core releases
+	 * the mirror. Its DMA engine still works, as a GPU's copy engines
+	 * still reach its memory after a compute engine fault: the pages in
+	 * its memory are copied home. A dead device stays dead until
+	 * simdev_destroy().
+	 */
+	SIMDEV_DIE,
 };
 
 /* Arms a fault; @count 0 disarms it. Return: 0; -EINVAL. */
