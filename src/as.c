@@ -270,6 +270,11 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 	pthread_mutex_init(&hmm->mig_lock, NULL);
 	pthread_cond_init(&hmm->mig_cond, NULL);
 	hmm->mig_tail = &hmm->mig_head;
+	hmm->reap_fd = eventfd(0, EFD_CLOEXEC);	/* mirror.c: the reaper's */
+	if (hmm->reap_fd < 0) {
+		ret = -ENOMEM;
+		goto fail_table;
+	}
 	ret = hmm_uffd_open(&hmm->uffd, features, O_CLOEXEC | O_NONBLOCK, NULL);
 	if (ret)
 		goto fail_table;
@@ -287,6 +292,8 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 	return 0;
 
 fail_table:
+	if (hmm->reap_fd >= 0)
+		close(hmm->reap_fd);
 	free(hmm->regions);
 	pthread_mutex_destroy(&hmm->lock);
 fail_pt:
@@ -314,8 +321,9 @@ int hmm_fini(struct hmm *hmm)
 	pthread_mutex_unlock(&hmm->lock);
 	hmm_mirror_release_all(hmm);
 	__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
-	hmm_rcu_synchronize();	/* no SIGBUS handler still looks at @hmm */
+	hmm_rcu_synchronize();	/* no SIGBUS handler or hmm_mirror_fail() still looks at @hmm */
 	close(hmm->uffd);
+	close(hmm->reap_fd);
 	free(hmm->regions);
 	pthread_mutex_destroy(&hmm->lock);
 	pthread_mutex_destroy(&hmm->dev_lock);

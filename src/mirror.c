@@ -97,7 +97,6 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdlib.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -129,7 +128,7 @@ static void mirror_fail(struct hmm *hmm, struct hmm_mirror_core *mc)
 {
 	uint64_t one = 1;
 
-	if (atomic_exchange(&mc->failed, true) || hmm->reap_fd < 0)
+	if (atomic_exchange(&mc->failed, true))
 		return;
 	/* Cannot fail but for a counter at its maximum, which a wakeup tops anyway. */
 	if (write(hmm->reap_fd, &one, sizeof(one)) != sizeof(one))
@@ -260,18 +259,17 @@ static int reaper_start(struct hmm *hmm)
 {
 	if (hmm->reaper_running)
 		return 0;
-	hmm->reap_fd = eventfd(0, EFD_CLOEXEC);
-	if (hmm->reap_fd < 0)
+	if (pthread_create(&hmm->reaper, NULL, reaper_thread, hmm))
 		return -ENOMEM;
-	if (pthread_create(&hmm->reaper, NULL, reaper_thread, hmm)) {
-		close(hmm->reap_fd);
-		hmm->reap_fd = -1;
-		return -ENOMEM;
-	}
 	hmm->reaper_running = true;
 	return 0;
 }
 
+/*
+ * @reap_fd itself lives as long as @hmm (hmm_init() to the end of
+ * hmm_fini(), after the grace period that hmm_mirror_fail()'s read section
+ * waits for): a failure reported while hmm_fini() runs writes to it safely.
+ */
 void hmm_mirror_reaper_stop(struct hmm *hmm)
 {
 	uint64_t one = 1;
@@ -282,8 +280,6 @@ void hmm_mirror_reaper_stop(struct hmm *hmm)
 	if (write(hmm->reap_fd, &one, sizeof(one)) != sizeof(one))
 		abort();	/* an eventfd write of 1 cannot fail */
 	pthread_join(hmm->reaper, NULL);
-	close(hmm->reap_fd);
-	hmm->reap_fd = -1;
 	hmm->reaper_running = false;
 }
 

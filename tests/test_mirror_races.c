@@ -8,10 +8,11 @@
  *     word ends exactly at the number of adds the kernels saw succeed, and
  *     no device ever used an entry it no longer held (violations 0). Both
  *     CPU fault modes: the main thread reads the range as it goes;
- *   - hmm_mirror_unregister(), hmm_device_unregister() and hmm_fini() started
- *     together, 1,000 rounds on the fake device with pages on it: release()
- *     exactly once, no callback after it, each call 0 or its documented
- *     -ENOENT.
+ *   - hmm_mirror_unregister(), hmm_device_unregister(), hmm_fini() and a
+ *     device error (hmm_mirror_fail(), whose release runs on the core's
+ *     reaper thread) started together, 1,000 rounds on the fake device with
+ *     pages on it: release() exactly once, no callback after it, each call 0
+ *     or its documented -ENOENT / -ENODEV.
  * (hmm_munmap under a reading kernel is test_device_races.)
  */
 #define _GNU_SOURCE
@@ -218,8 +219,17 @@ static const struct hmm_device_ops watch_ops = {
 struct trio {
 	pthread_barrier_t go;
 	struct fake_device *fd;
-	int mirror_ret, device_ret;
+	int mirror_ret, device_ret, fail_ret;
 };
+
+static void *device_fails(void *arg)
+{
+	struct trio *t = arg;
+
+	pthread_barrier_wait(&t->go);
+	t->fail_ret = hmm_mirror_fail(&t->fd->mirror);
+	return NULL;
+}
 
 static void *unregister_mirror(void *arg)
 {
@@ -246,9 +256,9 @@ static void unregister_races_fini_and_device_unregister(void)
 	unsigned int outcome[2] = { 0 };	/* hmm_mirror_unregister: 0, -ENOENT */
 
 	t.fd->dev.ops = &watch_ops;
-	CHECK_EQ(pthread_barrier_init(&t.go, NULL, 3), 0);
+	CHECK_EQ(pthread_barrier_init(&t.go, NULL, 4), 0);
 	for (int round = 0; round < 1000; round++) {
-		pthread_t m, d;
+		pthread_t m, d, f;
 		uint64_t *p;
 
 		start(round % 2 ? HMM_FAULT_SIGNAL : HMM_FAULT_THREAD);
@@ -262,10 +272,13 @@ static void unregister_races_fini_and_device_unregister(void)
 
 		CHECK_EQ(pthread_create(&m, NULL, unregister_mirror, &t), 0);
 		CHECK_EQ(pthread_create(&d, NULL, unregister_device, &t), 0);
+		CHECK_EQ(pthread_create(&f, NULL, device_fails, &t), 0);
 		pthread_barrier_wait(&t.go);
 		CHECK_EQ(hmm_fini(hmm), 0);
 		CHECK_EQ(pthread_join(m, NULL), 0);
 		CHECK_EQ(pthread_join(d, NULL), 0);
+		CHECK_EQ(pthread_join(f, NULL), 0);
+		CHECK(t.fail_ret == 0 || t.fail_ret == -ENODEV);
 
 		CHECK(t.mirror_ret == 0 || t.mirror_ret == -ENOENT);
 		CHECK_EQ(t.device_ret, 0);
