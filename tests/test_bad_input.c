@@ -861,6 +861,71 @@ static long do_mirror_fail(struct ctx *c, const struct args *a)
 	return r;
 }
 
+/* hmm_mirror_snapshot(); a page of ordinary memory is UNMAPPED, not an error. */
+static long do_mirror_snapshot(struct ctx *c, const struct args *a)
+{
+	struct hmm_snapshot_entry out[4];
+	uintptr_t start = addr_of(c, a->addr);
+	long r;
+
+	memset(out, 0x5e, sizeof(out));
+	r = hmm_mirror_snapshot(mirror_of(c, a->m), start, start + len_of(a->len),
+				a->null_out ? NULL : out);
+	if (!r && a->addr == A_FOREIGN)
+		CHECK_EQ(out[0].state, HMM_SNAPSHOT_UNMAPPED);
+	else if (!r)
+		CHECK(out[0].state == HMM_SNAPSHOT_HOST || out[0].state == HMM_SNAPSHOT_DEVICE ||
+		      out[0].state == HMM_SNAPSHOT_EMPTY);
+	return r;
+}
+
+/*
+ * The simdev commands on a simdev: a->flags picks the command, a->len the
+ * pages (L_PAGE one, L_ZERO none, L_WRAP to the end of the address space).
+ */
+enum { CMD_READ, CMD_WRITE, CMD_TO_DEV, CMD_TO_SYS, CMD_SNAPSHOT, CMD_CHECK_EXCL,
+       CMD_RELEASE, CMD_FLAGS };
+
+static long do_simdev_cmd(struct ctx *c, const struct args *a)
+{
+	struct simdev *sd = a->dev == D_NULL ? NULL : a->dev == D_MEMLESS ? c->ml : c->sd;
+	uintptr_t addr = addr_of(c, a->addr);
+	size_t npages = a->len == L_ZERO ? 0 : a->len == L_WRAP ? SIZE_MAX / PAGE : 1;
+	char *buf = a->null_out ? NULL : calloc(1, PAGE);
+	struct simdev_cmd_result res;
+	long r = -1;
+
+	CHECK(a->null_out || buf);
+	switch (a->flags) {
+	case CMD_READ:
+		r = simdev_cmd_read(sd, addr, npages, buf, &res);
+		break;
+	case CMD_WRITE:
+		r = simdev_cmd_write(sd, addr, npages, buf, &res);
+		break;
+	case CMD_TO_DEV:
+		r = simdev_cmd_migrate_to_device(sd, addr, npages, buf, &res);
+		break;
+	case CMD_TO_SYS:
+		r = simdev_cmd_migrate_to_system(sd, addr, npages, &res);
+		break;
+	case CMD_SNAPSHOT:
+		r = simdev_cmd_snapshot(sd, addr, npages, (unsigned char *)buf, &res);
+		break;
+	case CMD_CHECK_EXCL:
+		r = simdev_cmd_check_exclusive(sd, addr, npages);
+		break;
+	case CMD_RELEASE:
+		r = simdev_cmd_release(sd, &res);
+		break;
+	case CMD_FLAGS:
+		r = simdev_cmd_flags(sd, a->null_out ? 2u : 0u);
+		break;
+	}
+	free(buf);
+	return r;
+}
+
 /* simdev_mirror(): NULL for NULL; else the mirror of simdev_device(), on @hmm. */
 static long do_simdev_mirror(struct ctx *c, const struct args *a)
 {
@@ -1554,6 +1619,67 @@ static const struct row rows[] = {
 	ROW("hmm_mirror_fail", "a copy of a registered mirror", do_mirror_fail, -ENODEV,
 	    .m = M_COPY),
 
+	/* hmm_mirror_snapshot */
+	ROW("hmm_mirror_snapshot", "valid (control)", do_mirror_snapshot, 0, 0),
+	ROW("hmm_mirror_snapshot", "ordinary memory (control)", do_mirror_snapshot, 0,
+	    .addr = A_FOREIGN),
+	ROW("hmm_mirror_snapshot", "NULL mirror", do_mirror_snapshot, -EINVAL, .m = M_NULL),
+	ROW("hmm_mirror_snapshot", "NULL out", do_mirror_snapshot, -EINVAL, .null_out = true),
+	ROW("hmm_mirror_snapshot", "unaligned start", do_mirror_snapshot, -EINVAL,
+	    .addr = A_RW_PLUS1),
+	ROW("hmm_mirror_snapshot", "unaligned end", do_mirror_snapshot, -EINVAL,
+	    .len = L_PAGE_PLUS1),
+	ROW("hmm_mirror_snapshot", "empty range", do_mirror_snapshot, -EINVAL, .len = L_ZERO),
+	ROW("hmm_mirror_snapshot", "wrapping range", do_mirror_snapshot, -EINVAL, .len = L_WRAP),
+	ROW("hmm_mirror_snapshot", "never registered", do_mirror_snapshot, -ENODEV, .m = M_NEVER),
+	ROW("hmm_mirror_snapshot", "a copy of a registered mirror", do_mirror_snapshot, -ENODEV,
+	    .m = M_COPY),
+
+	/* simdev commands (a->flags: which) */
+	ROW("simdev_cmd_read", "valid (control)", do_simdev_cmd, 0, .flags = CMD_READ),
+	ROW("simdev_cmd_read", "NULL", do_simdev_cmd, -EINVAL, .flags = CMD_READ, .dev = D_NULL),
+	ROW("simdev_cmd_read", "NULL buffer", do_simdev_cmd, -EINVAL, .flags = CMD_READ,
+	    .null_out = true),
+	ROW("simdev_cmd_read", "unaligned address", do_simdev_cmd, -EINVAL, .flags = CMD_READ,
+	    .addr = A_RW_PLUS1),
+	ROW("simdev_cmd_read", "no pages", do_simdev_cmd, -EINVAL, .flags = CMD_READ,
+	    .len = L_ZERO),
+	ROW("simdev_cmd_read", "range wraps", do_simdev_cmd, -EINVAL, .flags = CMD_READ,
+	    .len = L_WRAP),
+	ROW("simdev_cmd_read", "ordinary memory", do_simdev_cmd, -EFAULT, .flags = CMD_READ,
+	    .addr = A_FOREIGN),
+	ROW("simdev_cmd_read", "PROT_NONE", do_simdev_cmd, -EACCES, .flags = CMD_READ,
+	    .addr = A_NONE),
+	ROW("simdev_cmd_write", "read-only", do_simdev_cmd, -EACCES, .flags = CMD_WRITE,
+	    .addr = A_RO),
+	ROW("simdev_cmd_write", "NULL buffer", do_simdev_cmd, -EINVAL, .flags = CMD_WRITE,
+	    .null_out = true),
+	ROW("simdev_cmd_migrate_to_device", "valid, no buffer (control)", do_simdev_cmd, 0,
+	    .flags = CMD_TO_DEV, .null_out = true),
+	ROW("simdev_cmd_migrate_to_device", "memoryless", do_simdev_cmd, -EOPNOTSUPP,
+	    .flags = CMD_TO_DEV, .dev = D_MEMLESS),
+	ROW("simdev_cmd_migrate_to_device", "ordinary memory", do_simdev_cmd, -EFAULT,
+	    .flags = CMD_TO_DEV, .addr = A_FOREIGN),
+	ROW("simdev_cmd_migrate_to_system", "valid (control)", do_simdev_cmd, 0,
+	    .flags = CMD_TO_SYS),
+	ROW("simdev_cmd_migrate_to_system", "unaligned address", do_simdev_cmd, -EINVAL,
+	    .flags = CMD_TO_SYS, .addr = A_RW_PLUS1),
+	ROW("simdev_cmd_snapshot", "valid (control)", do_simdev_cmd, 0, .flags = CMD_SNAPSHOT),
+	ROW("simdev_cmd_snapshot", "NULL perm", do_simdev_cmd, -EINVAL, .flags = CMD_SNAPSHOT,
+	    .null_out = true),
+	ROW("simdev_cmd_snapshot", "NULL", do_simdev_cmd, -EINVAL, .flags = CMD_SNAPSHOT,
+	    .dev = D_NULL),
+	ROW("simdev_cmd_check_exclusive", "NULL", do_simdev_cmd, -EINVAL,
+	    .flags = CMD_CHECK_EXCL, .dev = D_NULL),
+	ROW("simdev_cmd_release", "valid (control)", do_simdev_cmd, 0, .flags = CMD_RELEASE),
+	ROW("simdev_cmd_release", "NULL", do_simdev_cmd, -EINVAL, .flags = CMD_RELEASE,
+	    .dev = D_NULL),
+	ROW("simdev_cmd_flags", "valid (control)", do_simdev_cmd, 0, .flags = CMD_FLAGS),
+	ROW("simdev_cmd_flags", "unknown flag", do_simdev_cmd, -EINVAL, .flags = CMD_FLAGS,
+	    .null_out = true),
+	ROW("simdev_cmd_flags", "NULL", do_simdev_cmd, -EINVAL, .flags = CMD_FLAGS,
+	    .dev = D_NULL),
+
 	/* hmm_device_mem_used */
 	ROW("hmm_device_mem_used", "NULL", do_mem_used, 0, .dev = D_NULL),
 	ROW("hmm_device_mem_used", "never registered", do_mem_used, 0, .dev = D_NEVER),
@@ -1566,6 +1692,9 @@ static const struct row rows[] = {
 	AFTER("hmm_mirror_fault", "released by hmm_fini", do_mirror_fault, -ENODEV, 0),
 	AFTER("hmm_mirror_stats_read", "released by hmm_fini", do_mirror_stats, -ENODEV, 0),
 	AFTER("hmm_mirror_fail", "released by hmm_fini", do_mirror_fail, -ENODEV, 0),
+	AFTER("hmm_mirror_snapshot", "released by hmm_fini", do_mirror_snapshot, -ENODEV, 0),
+	AFTER("simdev_cmd_read", "mirror released by hmm_fini", do_simdev_cmd, -ENODEV,
+	    .flags = CMD_READ),
 	AFTER("hmm_device_mem_used", "mirror released by hmm_fini", do_mem_used, 0, 0),
 	AFTER("hmm_migrate", "mirror released by hmm_fini, new address space",
 	    do_migrate_to_released, -EINVAL, 0),

@@ -165,21 +165,23 @@ static int mmu_fault(struct simdev_thread *t, uintptr_t addr, bool write)
 }
 
 /*
- * A TLB miss: walk, fault when the walk finds nothing usable, retry (a drop
- * may take the entry away again before we walk). Return: the CPU pointer to
- * the page; NULL with the thread failed.
+ * A walk of the page table for @addr: the CPU pointer to its page when the
+ * slot holds an entry usable for the access, filling the thread's TLB entry;
+ * NULL when it does not (the caller faults, or reports the miss). -EFAULT
+ * with the thread failed, and a violation, if the core mapped an address that
+ * names no page: @err says which.
  */
-static char *tlb_miss(struct simdev_thread *t, uintptr_t addr, bool write)
+static char *tlb_walk(struct simdev_thread *t, uintptr_t addr, bool write, int *err)
 {
 	struct simdev *sd = t->sd;
 	uintptr_t vpn = addr >> SIMDEV_PAGE_SHIFT;
 	struct simdev_tlb_entry *e = &t->tlb[vpn % SIMDEV_TLB_ENTRIES];
-	int err;
 
-	thread_count(&t->tlb_misses);
+	*err = 0;
 	for (;;) {
 		struct simdev_pte *pte = simdev_pt_lookup(sd, vpn);
 		uint64_t dpte = 0, v1 = 0, v2;
+		char *page;
 
 		while (pte) {
 			v1 = atomic_load_explicit(&pte->version, memory_order_acquire);
@@ -188,34 +190,52 @@ static char *tlb_miss(struct simdev_thread *t, uintptr_t addr, bool write)
 			if (v1 == v2)
 				break;
 		}
-		if ((dpte & HMM_DPTE_VALID) && (!write || (dpte & HMM_DPTE_WRITE))) {
-			char *page = dpte_page(sd, dpte);
+		if (!(dpte & HMM_DPTE_VALID) || (write && !(dpte & HMM_DPTE_WRITE)))
+			return NULL;
+		page = dpte_page(sd, dpte);
 
-			/*
-			 * A write marks the entry dirty before it uses it, with a
-			 * compare-and-swap that fails if a drop cleared the entry
-			 * meanwhile (then walk again): every write through a TLB
-			 * entry is covered by a dirty bit the drop reports.
-			 */
-			if (write && !(dpte & HMM_DPTE_DIRTY)) {
-				if (!atomic_compare_exchange_strong_explicit(
-					    &pte->dpte, &dpte, dpte | HMM_DPTE_DIRTY,
-					    memory_order_acq_rel, memory_order_relaxed))
-					continue;
-				dpte |= HMM_DPTE_DIRTY;
-			}
-
-			if (!page) {
-				/* The core mapped an address that names no page. */
-				violation(t);
-				thread_fail(t, -EFAULT);
-				return NULL;
-			}
-			*e = (struct simdev_tlb_entry){ .vpn = vpn, .page = page,
-							.dpte = dpte, .version = v1,
-							.pte = pte };
-			return page;
+		/*
+		 * A write marks the entry dirty before it uses it, with a
+		 * compare-and-swap that fails if a drop cleared the entry
+		 * meanwhile (then walk again): every write through a TLB
+		 * entry is covered by a dirty bit the drop reports.
+		 */
+		if (write && !(dpte & HMM_DPTE_DIRTY)) {
+			if (!atomic_compare_exchange_strong_explicit(
+				    &pte->dpte, &dpte, dpte | HMM_DPTE_DIRTY,
+				    memory_order_acq_rel, memory_order_relaxed))
+				continue;
+			dpte |= HMM_DPTE_DIRTY;
 		}
+
+		if (!page) {
+			/* The core mapped an address that names no page. */
+			violation(t);
+			thread_fail(t, -EFAULT);
+			*err = -EFAULT;
+			return NULL;
+		}
+		*e = (struct simdev_tlb_entry){ .vpn = vpn, .page = page, .dpte = dpte,
+						.version = v1, .pte = pte };
+		return page;
+	}
+}
+
+/*
+ * A TLB miss: walk, fault when the walk finds nothing usable, retry (a drop
+ * may take the entry away again before we walk). Return: the CPU pointer to
+ * the page; NULL with the thread failed.
+ */
+static char *tlb_miss(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	int err;
+
+	thread_count(&t->tlb_misses);
+	for (;;) {
+		char *page = tlb_walk(t, addr, write, &err);
+
+		if (page || err)
+			return page;
 		err = mmu_fault(t, addr, write);
 		if (err) {
 			thread_fail(t, err);
@@ -251,6 +271,40 @@ static inline char *translate(struct simdev_thread *t, uintptr_t addr, bool writ
 		return e->page;
 	}
 	return tlb_miss(t, addr, write);
+}
+
+/*
+ * simdev_translate_nofault - translate() without the fault: the CPU pointer
+ * to the page holding @addr if the device's page table allows the access
+ * now, else NULL and the thread is not failed (the caller decides whether
+ * to fault). NULL with the thread failed only as tlb_walk() says.
+ */
+char *simdev_translate_nofault(struct simdev_thread *t, uintptr_t addr, bool write)
+{
+	uint64_t gen = atomic_load_explicit(&t->sd->mmu.gen, memory_order_acquire);
+	uintptr_t vpn = addr >> SIMDEV_PAGE_SHIFT;
+	struct simdev_tlb_entry *e;
+	int err;
+
+	if (t->err)
+		return NULL;
+	if (gen != t->tlb_gen) {
+		tlb_flush(t);
+		t->tlb_gen = gen;
+		atomic_store_explicit(&t->active, gen, memory_order_release);
+	}
+	e = &t->tlb[vpn % SIMDEV_TLB_ENTRIES];
+	if (e->vpn == vpn &&
+	    (!write || (e->dpte & (HMM_DPTE_WRITE | HMM_DPTE_DIRTY)) ==
+		       (HMM_DPTE_WRITE | HMM_DPTE_DIRTY))) {
+		if (atomic_load_explicit(&e->pte->dpte, memory_order_relaxed) != e->dpte ||
+		    atomic_load_explicit(&e->pte->version, memory_order_relaxed) != e->version)
+			tlb_hit_changed(t, e, write);
+		thread_count(&t->tlb_hits);
+		return e->page;
+	}
+	thread_count(&t->tlb_misses);
+	return tlb_walk(t, addr, write, &err);
 }
 
 /* ---- Accessors ---------------------------------------------------------------- */

@@ -18,7 +18,8 @@
  *
  * Files: simdev.c (lifecycle, ops table, statistics, fault injection),
  * memory.c, dma.c, mmu.c, access.c (TLB, translation, the accessors),
- * kernel.c (device threads, simdev_run).
+ * kernel.c (device threads, simdev_run), commands.c (the dmirror-like
+ * commands of hmm/simdev.h).
  *
  * Locks (each is a leaf: nothing else is taken while one is held, and none
  * is held across a call into the core):
@@ -204,6 +205,12 @@ struct simdev_thread {
 	/* Written by this thread only (load + store, no bus lock), summed by stats. */
 	_Atomic uint64_t tlb_hits, tlb_misses;
 };
+
+/*
+ * The page holding @addr if the page table allows the access now, without
+ * faulting: NULL on a miss (access.c). For commands.c, which faults itself.
+ */
+char *simdev_translate_nofault(struct simdev_thread *t, uintptr_t addr, bool write);
 
 /* Brackets a kernel, and a fault, on the calling device thread (access.c). */
 void simdev_thread_resume(struct simdev_thread *t);

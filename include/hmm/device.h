@@ -405,6 +405,36 @@ struct hmm_mirror_stats {
  */
 int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *stats);
 
+/* ---- Snapshots -------------------------------------------------------------- */
+
+/* Where a page is, as hmm_mirror_snapshot() reports it. */
+enum hmm_snapshot_state {
+	HMM_SNAPSHOT_UNMAPPED,		/* not libhmm memory */
+	HMM_SNAPSHOT_EMPTY,		/* never touched (or discarded): reads as zeros, no frame */
+	HMM_SNAPSHOT_HOST,		/* the data is in host memory: no copy to reach it */
+	HMM_SNAPSHOT_DEVICE,		/* the only copy is in @device's memory */
+};
+
+struct hmm_snapshot_entry {
+	uint8_t state;			/* enum hmm_snapshot_state */
+	uint8_t prot;			/* the mapping's PROT_READ / PROT_WRITE; 0 if UNMAPPED */
+	const struct hmm_device *device;/* HMM_SNAPSHOT_DEVICE: the device; else NULL */
+};
+
+/*
+ * hmm_mirror_snapshot - where each page of [@start, @end) is, without
+ * faulting, moving or mapping anything (the kernel's hmm_range_fault() without
+ * HMM_PFN_REQ_FAULT). @out receives (@end - @start) / 4096 entries. A page
+ * that is busy (a migration or invalidation owns it) is waited for, so each
+ * entry is a state the page was in during the call; the range as a whole is
+ * not an atomic snapshot.
+ * Return: 0; -EINVAL @mirror or @out NULL, @start or @end not page aligned,
+ * an empty or wrapping range; -ENODEV @mirror is not registered (or released).
+ * Context: any thread but a signal handler; no core lock held.
+ */
+int hmm_mirror_snapshot(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
+			struct hmm_snapshot_entry *out);
+
 #ifdef __cplusplus
 }
 #endif

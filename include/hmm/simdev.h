@@ -177,6 +177,119 @@ enum simdev_inject {
 /* Arms a fault; @count 0 disarms it. Return: 0; -EINVAL. */
 int simdev_inject(struct simdev *sd, enum simdev_inject what, unsigned int count);
 
+/* ---- Commands ----------------------------------------------------------------- */
+
+/*
+ * The commands of the kernel's HMM test driver (lib/test_hmm.c, "dmirror"),
+ * so that the scenarios of its selftest (tools/testing/selftests/mm/
+ * hmm-tests.c) port to simdev (tests/hmm-tests/, docs/hmm-tests.md). Each
+ * command takes @npages pages at @addr (page aligned) and reports in @res
+ * (may be NULL), with the driver's meaning:
+ *   cpages  pages copied: read / write / migrate to device / exclusive, the
+ *           pages the device read or wrote through its MMU; migrate to
+ *           system and release, the pages this device copied home (its
+ *           statistics, bytes_to_host); snapshot, the entries reported.
+ *   faults  device faults the command took: hmm_mirror_fault() calls, read
+ *           from the mirror's statistics (hmm_mirror_stats.faults; the
+ *           rounds inside them, collisions retried, are not counted, as the
+ *           driver counts none of hmm_range_fault()'s -EBUSY retries). On a
+ *           miss the device faults the whole rest of the range, as the driver
+ *           does, so a range faulted once reports 1.
+ * Commands that access memory run as a kernel on device thread 0 (the
+ * others idle): -EBUSY while a kernel or another command runs on @sd.
+ * Errors are libhmm's, not the driver's: a protection that forbids the
+ * access is -EACCES (the driver: -EFAULT for a read, -EPERM for a write),
+ * memory that is not libhmm's is -EFAULT. -EINVAL for an unaligned @addr,
+ * @npages 0, a range that wraps, a NULL buffer where one is needed;
+ * -ENODEV @sd's mirror is released (hmm_fini()).
+ */
+struct simdev_cmd_result {
+	uint64_t cpages;
+	uint64_t faults;
+};
+
+/*
+ * simdev_cmd_read - the device reads the range into @buf (npages * 4096
+ * bytes), faulting where its page table misses. A device with memory gets
+ * the pages in its memory (hmm_mirror_fault()); a memoryless one maps them
+ * in place. On an error @res says how many pages were read before it.
+ */
+int simdev_cmd_read(struct simdev *sd, uintptr_t addr, size_t npages, void *buf,
+		    struct simdev_cmd_result *res);
+/* simdev_cmd_write - the device writes @buf over the range, as read does. */
+int simdev_cmd_write(struct simdev *sd, uintptr_t addr, size_t npages, const void *buf,
+		     struct simdev_cmd_result *res);
+/*
+ * simdev_cmd_migrate_to_device - hmm_migrate() the range to @sd, then read
+ * it back through the device into @buf (NULL: only count). cpages counts the
+ * pages the device found in its own memory. Pages on another device move
+ * device to device (the driver moves only system pages). A protection that
+ * forbids reading fails the read-back with -EACCES, the pages moved.
+ */
+int simdev_cmd_migrate_to_device(struct simdev *sd, uintptr_t addr, size_t npages, void *buf,
+				 struct simdev_cmd_result *res);
+/*
+ * simdev_cmd_migrate_to_system - hmm_migrate() the range to host memory
+ * (pages on any device come home; cpages counts those @sd copied).
+ */
+int simdev_cmd_migrate_to_system(struct simdev *sd, uintptr_t addr, size_t npages,
+				 struct simdev_cmd_result *res);
+
+/*
+ * Snapshot: one byte per page, the driver's encoding (values as in its
+ * test_hmm_uapi.h), from hmm_mirror_snapshot(), without faulting:
+ *   ERROR          not libhmm memory, or a mapping without PROT_READ
+ *   NONE           never touched (no frame anywhere), or on another device
+ *                  (as the driver reports another owner's device-private
+ *                  page: not present to this device)
+ *   READ / WRITE   in host memory, with the mapping's protection
+ *   DEV_LOCAL      in @sd's memory, | READ or WRITE
+ * Not produced, and why (docs/hmm-tests.md): ZERO (no shared zero page: a
+ * CPU read of a never-touched page fills a host frame with zeros), PMD and
+ * PUD (libhmm and simdev map 4 KiB pages only), DEV_REMOTE (see NONE).
+ */
+#define SIMDEV_SNAP_ERROR	0xffu
+#define SIMDEV_SNAP_NONE	0x00u
+#define SIMDEV_SNAP_READ	0x01u
+#define SIMDEV_SNAP_WRITE	0x02u
+#define SIMDEV_SNAP_PMD		0x04u
+#define SIMDEV_SNAP_PUD		0x08u
+#define SIMDEV_SNAP_ZERO	0x10u
+#define SIMDEV_SNAP_DEV_LOCAL	0x20u
+#define SIMDEV_SNAP_DEV_REMOTE	0x30u
+
+/* simdev_cmd_snapshot - @perm receives @npages bytes, as above. */
+int simdev_cmd_snapshot(struct simdev *sd, uintptr_t addr, size_t npages, unsigned char *perm,
+			struct simdev_cmd_result *res);
+
+/*
+ * simdev_cmd_exclusive - take the range exclusive for device atomics, then
+ * read it back into @buf (NULL: only count). simdev_cmd_check_exclusive -
+ * -EPERM if any page of the range is still exclusive to @sd, else 0.
+ * Return: -EOPNOTSUPP until the core has device-exclusive pages
+ * (HMM_FAULT_EXCLUSIVE, HMM_DPTE_EXCLUSIVE in hmm/device.h); commands.c is
+ * written against them and compiles them in when they appear.
+ */
+int simdev_cmd_exclusive(struct simdev *sd, uintptr_t addr, size_t npages, void *buf,
+			 struct simdev_cmd_result *res);
+int simdev_cmd_check_exclusive(struct simdev *sd, uintptr_t addr, size_t npages);
+
+/*
+ * simdev_cmd_release - evict everything: every page in @sd's memory goes
+ * home and every entry is dropped. The mirror is released and registered
+ * again (so its statistics restart). Return: also what
+ * hmm_mirror_unregister() and hmm_mirror_register() return.
+ */
+int simdev_cmd_release(struct simdev *sd, struct simdev_cmd_result *res);
+
+/*
+ * simdev_cmd_flags - the driver's one-shot flags. SIMDEV_CMD_FAIL_ALLOC: the
+ * next device memory allocation fails (SIMDEV_FAIL_ALLOC armed once); 0
+ * disarms. Return: 0; -EINVAL unknown flags.
+ */
+#define SIMDEV_CMD_FAIL_ALLOC	1u
+int simdev_cmd_flags(struct simdev *sd, unsigned int flags);
+
 #ifdef __cplusplus
 }
 #endif
