@@ -1501,7 +1501,7 @@ static const struct row rows[] = {
 	    .len = L_END_MAX),
 	ROW("hmm_mirror_fault", "beyond user addresses", do_mirror_fault, -EINVAL,
 	    .len = L_BEYOND_VA),
-	ROW("hmm_mirror_fault", "flags: 2", do_mirror_fault, -EINVAL, .flags = 2),
+	ROW("hmm_mirror_fault", "flags: 4", do_mirror_fault, -EINVAL, .flags = 4),
 	ROW("hmm_mirror_fault", "flags: top bit", do_mirror_fault, -EINVAL, .flags = 1u << 31),
 	ROW("hmm_mirror_fault", "never registered", do_mirror_fault, -ENODEV, .m = M_NEVER),
 	ROW("hmm_mirror_fault", "released, its device registered still", do_mirror_fault, -ENODEV,
