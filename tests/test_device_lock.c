@@ -34,6 +34,22 @@
 
 static struct hmm *hmm;
 
+/*
+ * The sanitizers' own SIGBUS handlers would turn the child's death into
+ * exit(1): let the signal through (read only by ASan/TSan builds).
+ */
+const char *__asan_default_options(void);
+const char *__tsan_default_options(void);
+const char *__asan_default_options(void)
+{
+	return "handle_sigbus=0";
+}
+
+const char *__tsan_default_options(void)
+{
+	return "handle_sigbus=0";
+}
+
 static uint64_t word(const void *p, uint64_t gen)
 {
 	return (uint64_t)(uintptr_t)p * 0x9e3779b97f4a7c15ull ^ gen;
