@@ -127,7 +127,8 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot);
  * @advice: HMM_ADV_DISCARD: the contents are thrown away: every page reads as
  *          zeros again, its host and device memory is freed, and every device
  *          drops its entries (HMM_EVENT_DISCARD) before the call returns.
- * Return: 0; -EINVAL as hmm_munmap(), or an unknown @advice.
+ * Return: 0; -EINVAL as hmm_munmap(), or an unknown @advice; -EBUSY a page
+ * of the range is locked in a device (hmm_device_lock(); nothing discarded).
  */
 #define HMM_ADV_DISCARD	1
 int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice);
@@ -169,7 +170,8 @@ struct hmm_fence;			/* hmm/device.h */
  * memory; -EFAULT a page in the range is not libhmm memory
  * (nothing moved); -ENOMEM device memory full and nothing evictable (busy,
  * or its copy home failing); -EIO a copy failed, or @to has failed
- * (hmm_mirror_fail()). Pages before the failing
+ * (hmm_mirror_fail()); -EBUSY a page is locked in another device's memory
+ * (hmm_device_lock(): it stays, the others move). Pages before the failing
  * batch have moved. An asynchronous move reports these through its fence,
  * and -ENODEV if @to was released before the move ran (nothing moved to it).
  */
@@ -184,6 +186,56 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 int hmm_fence_wait(struct hmm_fence *fence);
 void hmm_fence_get(struct hmm_fence *fence);
 void hmm_fence_put(struct hmm_fence *fence);
+
+/* ---- Device atomics and device-locked ranges --------------------------------- */
+
+/*
+ * hmm_exclusive_check - is any page of [@addr, @addr + @length) still held
+ * exclusive by a device (hmm_mirror_fault() with HMM_FAULT_EXCLUSIVE, in
+ * hmm/device.h)? A CPU access, another device's fault, a migration to a
+ * device, hmm_munmap(), HMM_ADV_DISCARD and the device's mirror going away
+ * each end a page's exclusivity. The answer may be stale by the time it
+ * returns if devices are faulting meanwhile.
+ * Return: 0 no page is exclusive; -EBUSY at least one is; -EINVAL unaligned
+ * @addr, zero or wrapping length; -EFAULT a page is not libhmm memory.
+ */
+int hmm_exclusive_check(struct hmm *hmm, void *addr, size_t length);
+
+/*
+ * hmm_device_lock - pin [@addr, @addr + @length) in device @dev's memory
+ * (the seeds' "lock a range in device memory, SIGBUS on CPU access"). The
+ * pages migrate to @dev (zero-filled there if never touched) and stay:
+ * eviction skips them, hmm_migrate() away and another device's fault fail
+ * with -EBUSY. @dev's own faults map them as usual. A CPU access to a locked
+ * page gets SIGBUS: in thread mode from the kernel; in signal mode the
+ * library's SIGBUS handler passes it on to the handler installed before
+ * hmm_init(), or, if there was none, lets the access die of SIGBUS. A system
+ * call that touches a locked page fails with EFAULT. Locking a page locked
+ * in @dev already is a no-op. While locked: hmm_mprotect() works (@dev faults
+ * again with the new protection, the CPU still gets SIGBUS); hmm_munmap()
+ * frees the pages and the lock with them; HMM_ADV_DISCARD fails with -EBUSY.
+ * Releasing @dev's mirror (hmm_mirror_unregister(), hmm_device_unregister())
+ * unlocks its pages first.
+ * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, @dev NULL or
+ * not mirroring @hmm; -EOPNOTSUPP @dev has no memory, or the kernel lacks
+ * UFFDIO_POISON; -EFAULT a page is not libhmm memory (nothing locked);
+ * -EBUSY a page is locked in another device; -ENOMEM @dev's memory is full
+ * (locked pages are not evictable); -EIO a copy failed. On an error the
+ * pages before the failing batch (2 MiB) are locked, and pages of that batch
+ * may be on @dev unlocked.
+ */
+int hmm_device_lock(struct hmm *hmm, void *addr, size_t length, struct hmm_device *dev);
+
+/*
+ * hmm_device_unlock - end the lock of every locked page of [@addr, @addr +
+ * @length), whichever device holds it: its data comes back to host memory
+ * and is mapped for the CPU again, so the next access is served at once with
+ * the data the device left. Pages not locked are left alone.
+ * Return: 0; -EINVAL unaligned @addr, zero or wrapping length; -EFAULT a
+ * page is not libhmm memory (nothing unlocked); -EIO a page could not be
+ * copied home (it stays locked; the others are unlocked).
+ */
+int hmm_device_unlock(struct hmm *hmm, void *addr, size_t length);
 
 /* ---- Statistics ------------------------------------------------------------ */
 

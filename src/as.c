@@ -84,7 +84,9 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 	/*
 	 * Served, or retried by faulting again: -EAGAIN the mapping is
 	 * changing, -EIO a device page's copy home failed and the page stayed
-	 * on its device (thread mode retries it the same way).
+	 * on its device (thread mode retries it the same way). Anything else
+	 * is not ours to serve, a locked page's poison marker (-EPERM)
+	 * included: the previous handler gets it, or the access dies of it.
 	 */
 	if (ret == 0 || ret == -EAGAIN || ret == -EIO)
 		return;
@@ -245,6 +247,8 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 		goto fail_free;
 	if (hmm->fault_mode == HMM_FAULT_SIGNAL)
 		features |= UFFD_FEATURE_SIGBUS;
+	/* Device-locked ranges need poison markers; only they do (hmm_device_lock). */
+	features |= hmm_uffd_features() & UFFD_FEATURE_POISON;
 
 	pthread_mutex_lock(&init_lock);
 	if (hmm_live) {

@@ -276,6 +276,28 @@ retry:
 	}
 	hmm_count(prefetch ? &hmm->stat.cpu_pages_prefetched : &hmm->stat.cpu_faults, prefetch ? n : 1);
 
+	/*
+	 * A locked page (hmm_device_lock) is never served: the access must get
+	 * SIGBUS. Its CPU view holds a poison marker, so this is a fault that
+	 * raced with the lock (thread mode: the retried access meets the
+	 * marker) or the marker's own SIGBUS (signal mode: the handler passes
+	 * it on).
+	 */
+	if (hmm_pte_state(b.old[fi]) == HMM_PTE_LOCKED) {
+		hmm_busy_unlock(hmm, &b);
+		hmm_span_put(&s);
+		return -EPERM;
+	}
+	/* EXCLUSIVE(d) -> HOST: the CPU takes the faulting page back (page_state.h). */
+	if (hmm_pte_state(b.old[fi]) == HMM_PTE_EXCLUSIVE) {
+		struct hmm_range_node iv;
+
+		hmm_inval_begin(hmm, &iv, page, page + HMM_PAGE_SIZE);
+		hmm_inval_mirrors(hmm, page, page + HMM_PAGE_SIZE, HMM_EVENT_EXCLUSIVE, NULL);
+		hmm_inval_end(hmm, &iv);
+		b.new[fi] = hmm_pte_make(HMM_PTE_HOST, 0, 0, hmm_pte_keep_flags(b.old[fi]));
+	}
+
 	/* DEVICE -> HOST: bring back the block's device pages (page_state.h). */
 	for (size_t i = 0; i < n; i++)
 		on_device |= hmm_busy_taken(&b, i) && hmm_pte_state(b.old[i]) == HMM_PTE_DEVICE;

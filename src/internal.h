@@ -136,6 +136,7 @@ struct hmm_mirror_core {
 	_Atomic long users;			/* calls in flight (mirror.c) */
 	atomic_bool dying;			/* being released: no new entries */
 	atomic_bool failed;			/* device error: released by the reaper (mirror.c) */
+	atomic_bool pinned;			/* took pages EXCLUSIVE or LOCKED (lock.c) */
 	struct hmm_mirror_counters stat;
 };
 
@@ -386,7 +387,8 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
  * that failed (their data intact where it was). Pages stay busy.
  * @owner: the device whose request this is (events name it), or NULL.
  * Return: 0; the first -errno a page failed with; -ENODEV @to is being
- * released (nothing moved).
+ * released (nothing moved); -EBUSY a page is LOCKED on a device other than
+ * @to (it stays; the others move). EXCLUSIVE pages move only to a device.
  */
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
 		   struct hmm_mirror_core *to, struct hmm_mirror_core *from,
@@ -419,13 +421,25 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_mirror_core *mc, bool wait);
 bool hmm_make_room(struct hmm *hmm, struct hmm_mirror_core *mc, unsigned int *tries);
 void hmm_migrate_stop(struct hmm *hmm);
 
+/* lock.c */
+
+/*
+ * Ends the pins of mirror @mc before its release: its EXCLUSIVE pages go back
+ * to HOST (entries dropped), its LOCKED pages are unlocked (copied home,
+ * mapped for the CPU). Does nothing unless the mirror ever pinned a page.
+ * Return: 0; -EIO a locked page could not be copied home (it stays locked).
+ * Context: the mirror is dying and has no users; no busy page held.
+ */
+int hmm_mirror_unpin(struct hmm *hmm, struct hmm_mirror_core *mc);
+
 /* fault.c */
 
 /*
  * Serves a CPU fault at @addr (any byte of the page): makes the page, and the
  * fault-around block where possible, present in the CPU view.
  * Return: 0 served (or raced with another thread that served it); -EFAULT
- * @addr is not libhmm memory; -EAGAIN retry after reading the uffd; other
+ * @addr is not libhmm memory; -EPERM the page is locked in a device (the
+ * access must get SIGBUS); -EAGAIN retry after reading the uffd; other
  * -errno from the kernel.
  * Context: any thread, including a SIGBUS handler; takes no lock.
  */

@@ -376,7 +376,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	uintptr_t drop_start, drop_end;
 	unsigned int to_id = to ? to->id : 0;
 	bool any = false;
-	int ret = 0;
+	int ret = 0, locked = 0;
 	/*
 	 * ~16 KiB, on the stack of whoever migrates, which for a CPU fault in
 	 * signal mode is the faulting thread's: no malloc in a signal handler.
@@ -405,6 +405,12 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 			continue;
 		if (from && !is_on(e, from->id))
 			continue;
+		if (st == HMM_PTE_LOCKED) {
+			/* Pinned (page_state.h): only its own device is "there" already. */
+			if (hmm_pte_device(e) != to_id)
+				locked = -EBUSY;
+			continue;
+		}
 		if (st == HMM_PTE_DEVICE && hmm_pte_device(e) != to_id) {
 			m->how[i] = FROM_DEVICE;
 			hmm_bit_set(drop, i);
@@ -414,13 +420,17 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 			m->how[i] = FROM_HOST;
 			hmm_bit_set(drop, i);	/* mirrors may map its host frame */
 			hmm_bit_set(zap, i);
+		} else if (to && st == HMM_PTE_EXCLUSIVE) {
+			/* The exclusive device's entry goes; the CPU view maps nothing. */
+			m->how[i] = FROM_HOST;
+			hmm_bit_set(drop, i);
 		} else if (to && st == HMM_PTE_DEVICE) {
 			hmm_devmem_touch(&to->mem, (uint64_t[]){ hmm_pte_frame(e) }, 1);
 		}
 		any |= m->how[i] != STAY;
 	}
 	if (!any)
-		return 0;
+		return locked;
 	/*
 	 * An invalidation (mirror.c) from here until the pages are committed:
 	 * device faults over these pages back off.
@@ -463,7 +473,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 		  counted[FROM_DEVICE]);
 	hmm_count(&hmm->stat.pages_zeroed_on_device, counted[ZERO]);
 	hmm_count(&hmm->stat.pages_to_device, counted[FROM_HOST]);
-	return ret;
+	return ret ? ret : locked;
 }
 
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
@@ -477,7 +487,7 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 		uint64_t f = hmm_pte_frame(e);
 
-		if (hmm_pte_state(e) == HMM_PTE_DEVICE)
+		if (hmm_pte_state(e) == HMM_PTE_DEVICE || hmm_pte_state(e) == HMM_PTE_LOCKED)
 			hmm_devmem_free(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem, &f, 1);
 	}
 	hmm_inval_end(hmm, &iv);

@@ -403,6 +403,12 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	 */
 	wait_users(mc);
 
+	/* Its exclusive pages back to the CPU, its locked ones unlocked (lock.c). */
+	if (hmm_mirror_unpin(hmm, mc)) {
+		atomic_store(&mc->dying, false);
+		return -EIO;
+	}
+
 	/*
 	 * Every page home. Pages another thread moves meanwhile count as
 	 * progress too; a chunk that gives nothing back twice while nothing
@@ -909,13 +915,83 @@ static int host_entries(struct hmm *hmm, const struct hmm_span *s, uintptr_t a,
 	return w.slow ? -EAGAIN : 0;
 }
 
+/* Zaps the CPU view's PTEs of the pages of @b marked in @mask, a run at a time. */
+static void zap_cpu_pages(const struct hmm_busy *b, const uint64_t *mask)
+{
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+
+	for (size_t i = 0, j; i < n; i = j) {
+		for (j = i + 1; j < n && hmm_bit_test(mask, j) == hmm_bit_test(mask, i); j++)
+			;
+		/*
+		 * With the pages busy, as migration's zap (migrate.c): the zap
+		 * must be over before the device gets its exclusive entry, and
+		 * the busy pages keep an unmap from replacing the CPU view
+		 * meanwhile. No uffd event: the core does not ask for REMOVE.
+		 */
+		if (hmm_bit_test(mask, i))
+			madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)),
+				(j - i) << HMM_PAGE_SHIFT, MADV_DONTNEED);
+	}
+}
+
+/*
+ * A memoryless mirror's fault over the busy pages @b, all in host memory now
+ * (EMPTY, HOST or EXCLUSIVE; page_state.h). With @exclusive every page
+ * becomes EXCLUSIVE(mc); without, pages exclusive to another mirror come
+ * back to HOST. The pages that change hands are invalidated first
+ * (HMM_EVENT_EXCLUSIVE, every mirror, this one too), and HOST pages going
+ * exclusive are zapped from the CPU view.
+ */
+static void host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_busy *b,
+			     bool exclusive)
+{
+	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT, first = n, last = 0;
+	struct hmm_range_node iv;
+
+	for (size_t i = 0; i < n; i++) {
+		hmm_pte_t e = b->new[i];
+		enum hmm_pte_state st = hmm_pte_state(e);
+		bool other = st == HMM_PTE_EXCLUSIVE && hmm_pte_device(e) != mc->id;
+
+		if (exclusive && (st == HMM_PTE_HOST || other)) {
+			hmm_bit_set(drop, i);
+			if (st == HMM_PTE_HOST)
+				hmm_bit_set(zap, i);
+		} else if (!exclusive && other) {
+			hmm_bit_set(drop, i);
+		}
+		if (hmm_bit_test(drop, i)) {
+			if (first == n)
+				first = i;
+			last = i;
+		}
+		if (exclusive)
+			b->new[i] = hmm_pte_make(HMM_PTE_EXCLUSIVE, mc->id, 0, hmm_pte_keep_flags(e));
+		else if (other)
+			b->new[i] = hmm_pte_make(HMM_PTE_HOST, 0, 0, hmm_pte_keep_flags(e));
+	}
+	if (exclusive)
+		atomic_store(&mc->pinned, true);
+	if (first == n)
+		return;
+	hmm_inval_begin(hmm, &iv, b->start + (first << HMM_PAGE_SHIFT),
+			b->start + ((last + 1) << HMM_PAGE_SHIFT));
+	hmm_inval_mirrors(hmm, iv.start, iv.end, HMM_EVENT_EXCLUSIVE, mc->dev);
+	zap_cpu_pages(b, zap);
+	hmm_inval_end(hmm, &iv);
+}
+
 /*
  * One round over the busy pages @b of @s: brings them where @mc wants them
- * (its memory, or home for a memoryless mirror) and fills @fb from their new
- * entries. Return: 0; the move's -errno.
+ * (its memory, or home for a memoryless mirror, exclusive if asked) and fills
+ * @fb from their new entries. Return: 0; the move's -errno (-EBUSY: a page
+ * is locked in another device).
  */
 static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const struct hmm_span *s,
-			  struct hmm_busy *b, hmm_dpte_t perm, struct fault_batch *fb)
+			  struct hmm_busy *b, hmm_dpte_t perm, bool exclusive,
+			  struct fault_batch *fb)
 {
 	uint64_t frames[HMM_BATCH_PAGES];
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
@@ -924,23 +1000,27 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 	ret = hmm_move_pages(hmm, s, b, mc->has_memory ? mc : NULL, NULL, mc->dev);
 	if (ret)
 		return ret;
+	if (!mc->has_memory)
+		host_exclusivity(hmm, mc, b, exclusive);
 	fb->start = b->start;
 	fb->n = n;
 	for (size_t i = 0; i < n; i++) {
 		hmm_pte_t e = b->new[i];
+		enum hmm_pte_state st = hmm_pte_state(e);
 
 		hmm_assert(hmm_busy_taken(b, i));
-		if (hmm_pte_state(e) == HMM_PTE_EMPTY)
+		if (st == HMM_PTE_EMPTY)
 			b->new[i] = e = hmm_pte_host();
-		if (hmm_pte_state(e) == HMM_PTE_DEVICE) {
+		if (st == HMM_PTE_DEVICE || st == HMM_PTE_LOCKED) {
+			hmm_assert(hmm_pte_device(e) == mc->id);
 			frames[i] = hmm_pte_frame(e);
 			if (hmm_devmem_frame_addr(&mc->mem, &frames[i], 1, &fb->entry[i]))
 				return -EIO;
-			fb->entry[i] |= perm | HMM_DPTE_DEVICE;
+			fb->entry[i] |= perm | HMM_DPTE_DEVICE | HMM_DPTE_EXCLUSIVE;
 		} else {
 			fb->entry[i] = (uint64_t)(uintptr_t)hmm_span_dma(s, b->start +
 									(i << HMM_PAGE_SHIFT)) |
-				       perm;
+				       perm | (st == HMM_PTE_EXCLUSIVE ? HMM_DPTE_EXCLUSIVE : 0);
 		}
 	}
 	return 0;
@@ -959,7 +1039,8 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		     unsigned int flags)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
-	bool write = flags & HMM_FAULT_WRITE;
+	bool exclusive = flags & HMM_FAULT_EXCLUSIVE;
+	bool write = exclusive || (flags & HMM_FAULT_WRITE);
 	struct hmm *hmm = mirror ? mirror_hmm(mirror) : NULL;
 	struct hmm_mirror_core *mc;
 	struct fault_batch *fb;
@@ -968,7 +1049,8 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 
 	start &= HMM_PAGE_MASK;
 	end = (end + HMM_PAGE_SIZE - 1) & HMM_PAGE_MASK;
-	if (!mirror || start >= end || !hmm_range_valid(start, end) || (flags & ~HMM_FAULT_WRITE))
+	if (!mirror || start >= end || !hmm_range_valid(start, end) ||
+	    (flags & ~(HMM_FAULT_WRITE | HMM_FAULT_EXCLUSIVE)))
 		return -EINVAL;
 	if (!hmm_is_live(hmm) || !(mc = mirror_get(hmm, mirror_id(mirror))))
 		return -ENODEV;
@@ -1009,7 +1091,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			break;
 		}
 
-		if (!mc->has_memory) {
+		if (!mc->has_memory && !exclusive) {
 			fault_register(hmm, &f, a, s.end);		/* F2 */
 			/*
 			 * The protection as of now (hmm_span_valid() refreshes it):
@@ -1058,7 +1140,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			hmm_span_put(&s);
 			break;
 		}
-		ret = placed_entries(hmm, mc, &s, &b, perm, fb);	/* F3 */
+		ret = placed_entries(hmm, mc, &s, &b, perm, exclusive, fb);	/* F3 */
 		if (!ret)
 			fault_register(hmm, &f, a, s.end);		/* F2, while busy */
 		hmm_busy_unlock(hmm, &b);

@@ -34,6 +34,18 @@
  *              does not map it, so a CPU access faults (MINOR, or MISSING if
  *              the page went to the device never touched). Device d may map
  *              it; no other device does.
+ *   EXCLUSIVE(d)  the data is in the host frame (or it is a hole that reads
+ *              as zeros), and memoryless device d alone may map it, for
+ *              atomics (HMM_FAULT_EXCLUSIVE): the CPU view does not map it
+ *              and no other mirror has an entry for it; d's entry carries
+ *              HMM_DPTE_EXCLUSIVE. d may have no entry at all (dropped by an
+ *              mprotect, or d's mirror gone and the page not yet swept):
+ *              the page is still kept from the CPU until someone takes it.
+ *   LOCKED(d)  as DEVICE(d) (entry: device, frame), pinned there
+ *              (hmm_device_lock): the CPU view holds poison markers
+ *              (UFFDIO_POISON), so a CPU access gets SIGBUS without a
+ *              userfault; eviction and migrations leave it; only device d
+ *              maps it.
  *   + DIRTY    a device wrote the page (reported when its mirror entry went,
  *              or on HMM_EVENT_ISDIRTY); kept across moves, cleared only by
  *              going back to EMPTY.
@@ -90,8 +102,59 @@
  *                                                  again and is mapped with the
  *                                                  new permission
  *
- * The states SHARED, EXCLUSIVE and LOCKED are defined in pt.h for the mirror
- * work; rows for them are added here with the code that makes them.
+ *
+ * Exclusive pages (mirror.c, fault.c, lock.c):
+ *
+ *   from       to         who                      how
+ *   ---------  ---------  -----------------------  ----------------------------
+ *   EMPTY      EXCLUSIVE  exclusive fault of a     the hole's frame is mapped
+ *              (d)        memoryless d (mirror.c)  for d (the CPU view maps no
+ *                                                  hole)
+ *   HOST       EXCLUSIVE  exclusive fault of a     invalidates (EXCLUSIVE, every
+ *              (d)        memoryless d             mirror, d too); CPU view
+ *                                                  zapped (MADV_DONTNEED) with
+ *                                                  the page busy, as migration
+ *                                                  zaps; then update(MAP) with
+ *                                                  HMM_DPTE_EXCLUSIVE after the
+ *                                                  release (collision-retry)
+ *   EXCLUSIVE  EXCLUSIVE  exclusive fault of e     invalidates (EXCLUSIVE): d's
+ *   (d)        (e)                                 entries dropped; no zap
+ *   EXCLUSIVE  HOST       CPU fault on the page    invalidates (EXCLUSIVE): d's
+ *   (d)                   (fault.c); fault of      entries dropped, fence
+ *                         another memoryless       waited for; a CPU fault then
+ *                         mirror; d's mirror       maps it with CONTINUE (the
+ *                         released (lock.c sweep)  faulting page only: fault-
+ *                                                  around skips EXCLUSIVE pages)
+ *   EXCLUSIVE  DEVICE(e)  hmm_migrate, fault of a  as HOST -> DEVICE(e), no zap
+ *   (d)                   device e with memory     (the CPU view maps nothing)
+ *   EXCLUSIVE  (same)     hmm_migrate to the host  it is in host memory already
+ *   (d)                   device fault of d
+ *
+ * Locked pages (lock.c):
+ *
+ *   EMPTY,     LOCKED(d)  hmm_device_lock          migrated to d as by
+ *   HOST,                                          hmm_migrate (invalidates,
+ *   EXCLUSIVE,                                     zaps host pages), then poison
+ *   DEVICE(any)                                    markers installed on the CPU
+ *                                                  view (UFFDIO_POISON), all
+ *                                                  with the pages busy
+ *   LOCKED(d)  HOST       hmm_device_unlock, d's   invalidates (MIGRATE), copied
+ *                         mirror released          home as DEVICE -> HOST, then
+ *                                                  mapped with CONTINUE, which
+ *                                                  replaces the poison markers
+ *                                                  (no zap)
+ *   LOCKED(d)  EMPTY      hmm_munmap, a foreign    as any -> EMPTY: d's frame
+ *                         munmap                   freed; the markers go with
+ *                                                  the CPU view
+ *   LOCKED(d)  (same)     hmm_migrate away, a      refused: -EBUSY (a fault of
+ *                         fault of another         d itself maps it); eviction
+ *                         device, eviction,        and CPU fault-around skip
+ *                         HMM_ADV_DISCARD          it; discard refuses the range
+ *   LOCKED(d)  (same)     hmm_mprotect             invalidates (PROTECT); the
+ *                                                  markers stay
+ *
+ * The state SHARED is defined in pt.h for read duplication; its rows are
+ * added here with the code that makes it.
  */
 #ifndef HMM_PAGE_STATE_H
 #define HMM_PAGE_STATE_H
@@ -101,6 +164,12 @@
 static inline hmm_pte_t hmm_pte_host(void)
 {
 	return hmm_pte_make(HMM_PTE_HOST, 0, 0, 0);
+}
+
+/* The flags a page keeps across a state change (DIRTY, WRITE). */
+static inline uint64_t hmm_pte_keep_flags(hmm_pte_t e)
+{
+	return e & (HMM_PTE_DIRTY | HMM_PTE_WRITE);
 }
 
 #endif

@@ -472,6 +472,14 @@ static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
 		pthread_mutex_unlock(&hmm->lock);
 		return ret;
 	}
+	/* A locked page is pinned in its device (hmm_device_lock): not discarded. */
+	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE) {
+		if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_LOCKED) {
+			hmm_busy_unlock_range(hmm, start, end);
+			pthread_mutex_unlock(&hmm->lock);
+			return -EBUSY;
+		}
+	}
 	hmm_release_device_pages(hmm, start, end, HMM_EVENT_DISCARD);
 	for (size_t i = 0; i < t->nr; i++) {
 		struct hmm_region *r = t->region[i];

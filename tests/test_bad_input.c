@@ -824,12 +824,72 @@ static long do_mirror_fault(struct ctx *c, const struct args *a)
 		CHECK_EQ(pages_mapped(m) - mapped, want / PAGE);
 	if (a->m == M_MEMLESS)
 		CHECK_EQ(hmm_device_mem_used(simdev_device(c->ml)), 0);	/* host frames */
+	if (a->m == M_MEMLESS && (a->flags & HMM_FAULT_EXCLUSIVE))
+		CHECK_EQ(hmm_exclusive_check(c->hmm, c->rw, 2 * PAGE), want ? -EBUSY : 0);
 	if (want)		/* bring the pages home, taking the entries away */
 		CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
 	if (a->m == M_OWN)
 		CHECK(!fake_translate(c->fake, (uintptr_t)c->rw));
+	rw_check(c);		/* the CPU's reads take exclusive pages back */
+	CHECK_EQ(hmm_exclusive_check(c->hmm, c->rw, 2 * PAGE), 0);
+	return r;
+}
+
+/*
+ * hmm_device_lock(). What it leaves: on success the range is locked, then
+ * unlocked here and its data checked; a failure locks nothing.
+ */
+static long do_device_lock(struct ctx *c, const struct args *a)
+{
+	struct hmm *hmm = h_of(c, a->h);
+	struct hmm_device *dev = dev_of(c, a->dev);
+	void *addr = (void *)addr_of(c, a->addr);
+	size_t len = len_of(a->len);
+	size_t used = c->hmm ? hmm_device_mem_used(simdev_device(c->sd)) : 0;
+	long r;
+
+	r = hmm_device_lock(hmm, addr, len, dev);
+	c->never.dev.ops = &mini_ops;
+	if (!c->hmm)
+		return r;
+	if (r) {
+		CHECK_EQ(hmm_device_mem_used(simdev_device(c->sd)), used);
+		return r;
+	}
+	CHECK_EQ(hmm_migrate(hmm, addr, len, NULL, 0, NULL), -EBUSY);
+	CHECK_EQ(hmm_device_unlock(hmm, addr, len), 0);
+	rw_check(c);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(c->sd)), 0);
+	return r;
+}
+
+/* Locked on simdev, then asked of the fake device: -EBUSY, nothing moved. */
+static long do_device_lock_other(struct ctx *c, const struct args *a)
+{
+	long r;
+
+	(void)a;
+	CHECK_EQ(hmm_device_lock(c->hmm, c->rw, PAGE, simdev_device(c->sd)), 0);
+	r = hmm_device_lock(c->hmm, c->rw, 2 * PAGE, &c->fake->dev);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(c->sd)), PAGE);
+	CHECK_EQ(hmm_device_unlock(c->hmm, c->rw, 2 * PAGE), 0);
+	CHECK_EQ(hmm_migrate(c->hmm, c->rw, 2 * PAGE, NULL, 0, NULL), 0);
 	rw_check(c);
 	return r;
+}
+
+static long do_device_unlock(struct ctx *c, const struct args *a)
+{
+	long r = hmm_device_unlock(h_of(c, a->h), (void *)addr_of(c, a->addr), len_of(a->len));
+
+	if (c->hmm)
+		rw_check(c);
+	return r;
+}
+
+static long do_exclusive_check(struct ctx *c, const struct args *a)
+{
+	return hmm_exclusive_check(h_of(c, a->h), (void *)addr_of(c, a->addr), len_of(a->len));
 }
 
 /* hmm_mirror_stats_read(); a failure leaves *@stats alone. */
@@ -1579,7 +1639,7 @@ static const struct row rows[] = {
 	    .len = L_END_MAX),
 	ROW("hmm_mirror_fault", "beyond user addresses", do_mirror_fault, -EINVAL,
 	    .len = L_BEYOND_VA),
-	ROW("hmm_mirror_fault", "flags: 2", do_mirror_fault, -EINVAL, .flags = 2),
+	ROW("hmm_mirror_fault", "flags: 4", do_mirror_fault, -EINVAL, .flags = 4),
 	ROW("hmm_mirror_fault", "flags: top bit", do_mirror_fault, -EINVAL, .flags = 1u << 31),
 	ROW("hmm_mirror_fault", "never registered", do_mirror_fault, -ENODEV, .m = M_NEVER),
 	ROW("hmm_mirror_fault", "released, its device registered still", do_mirror_fault, -ENODEV,
@@ -1599,6 +1659,90 @@ static const struct row rows[] = {
 	    -EACCES, .addr = A_RO, .flags = HMM_FAULT_WRITE, .m = M_MEMLESS),
 	ROW("hmm_mirror_fault", "read of PROT_NONE memory", do_mirror_fault, -EACCES,
 	    .addr = A_NONE),
+	ROW("hmm_mirror_fault", "exclusive, memoryless mirror (control)", do_mirror_fault, 0,
+	    .flags = HMM_FAULT_EXCLUSIVE, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "exclusive, a simdev's mirror (control)", do_mirror_fault, 0,
+	    .flags = HMM_FAULT_EXCLUSIVE, .m = M_SIM),
+	ROW("hmm_mirror_fault", "exclusive on read-only memory, memoryless mirror",
+	    do_mirror_fault, -EACCES, .addr = A_RO, .flags = HMM_FAULT_EXCLUSIVE, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "exclusive on read-only memory", do_mirror_fault, -EACCES,
+	    .addr = A_RO, .flags = HMM_FAULT_EXCLUSIVE),
+	ROW("hmm_mirror_fault", "exclusive, foreign memory", do_mirror_fault, -EFAULT,
+	    .addr = A_FOREIGN, .flags = HMM_FAULT_EXCLUSIVE, .m = M_MEMLESS),
+
+	/* hmm_exclusive_check */
+	ROW("hmm_exclusive_check", "valid (control)", do_exclusive_check, 0, 0),
+	ROW("hmm_exclusive_check", "NULL hmm", do_exclusive_check, -EINVAL, .h = H_NULL),
+	ROW("hmm_exclusive_check", "foreign hmm", do_exclusive_check, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_exclusive_check", "zero length", do_exclusive_check, -EINVAL, .len = L_ZERO),
+	ROW("hmm_exclusive_check", "unaligned address", do_exclusive_check, -EINVAL,
+	    .addr = A_RW_PLUS1),
+	ROW("hmm_exclusive_check", "unaligned length", do_exclusive_check, -EINVAL,
+	    .len = L_PAGE_PLUS1),
+	ROW("hmm_exclusive_check", "wrapping length", do_exclusive_check, -EINVAL, .len = L_WRAP),
+	ROW("hmm_exclusive_check", "SIZE_MAX length", do_exclusive_check, -EINVAL, .len = L_MAX),
+	ROW("hmm_exclusive_check", "NULL address", do_exclusive_check, -EFAULT, .addr = A_NULL),
+	ROW("hmm_exclusive_check", "foreign memory", do_exclusive_check, -EFAULT,
+	    .addr = A_FOREIGN),
+	ROW("hmm_exclusive_check", "runs off the end of a mapping", do_exclusive_check, -EFAULT,
+	    .len = L_OFF_END),
+	ROW("hmm_exclusive_check", "unmapped memory", do_exclusive_check, -EFAULT, .addr = A_GONE),
+	AFTER("hmm_exclusive_check", "after hmm_fini", do_exclusive_check, -EINVAL, .h = H_STALE),
+
+	/* hmm_device_lock */
+	ROW("hmm_device_lock", "valid (control)", do_device_lock, 0, .dev = D_SIM),
+	ROW("hmm_device_lock", "read-only memory (control)", do_device_lock, 0,
+	    .dev = D_SIM, .addr = A_RO),
+	ROW("hmm_device_lock", "NULL hmm", do_device_lock, -EINVAL, .h = H_NULL, .dev = D_SIM),
+	ROW("hmm_device_lock", "foreign hmm", do_device_lock, -EINVAL, .h = H_FOREIGN,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "zero length", do_device_lock, -EINVAL, .len = L_ZERO, .dev = D_SIM),
+	ROW("hmm_device_lock", "unaligned address", do_device_lock, -EINVAL, .addr = A_RW_PLUS1,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "unaligned length", do_device_lock, -EINVAL, .len = L_PAGE_PLUS1,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "wrapping length", do_device_lock, -EINVAL, .len = L_WRAP,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "SIZE_MAX length", do_device_lock, -EINVAL, .len = L_MAX,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "NULL device", do_device_lock, -EINVAL, .dev = D_NULL),
+	ROW("hmm_device_lock", "unregistered device", do_device_lock, -EINVAL, .dev = D_NEVER),
+	ROW("hmm_device_lock", "device with incomplete ops, never registered", do_device_lock,
+	    -EINVAL, .dev = D_PARTIAL),
+	ROW("hmm_device_lock", "device registered, never mirroring", do_device_lock, -EINVAL,
+	    .dev = D_BARE),
+	ROW("hmm_device_lock", "device registered, its mirror released", do_device_lock, -EINVAL,
+	    .dev = D_DEAD),
+	ROW("hmm_device_lock", "memoryless device", do_device_lock, -EOPNOTSUPP, .dev = D_MEMLESS),
+	ROW("hmm_device_lock", "NULL address", do_device_lock, -EFAULT, .addr = A_NULL,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "foreign memory", do_device_lock, -EFAULT, .addr = A_FOREIGN,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "runs off the end of a mapping", do_device_lock, -EFAULT,
+	    .len = L_OFF_END, .dev = D_SIM),
+	ROW("hmm_device_lock", "unmapped memory", do_device_lock, -EFAULT, .addr = A_GONE,
+	    .dev = D_SIM),
+	ROW("hmm_device_lock", "locked in another device", do_device_lock_other, -EBUSY, 0),
+	AFTER("hmm_device_lock", "after hmm_fini", do_device_lock, -EINVAL, .h = H_STALE,
+	      .dev = D_NULL),
+
+	/* hmm_device_unlock */
+	ROW("hmm_device_unlock", "nothing locked (control)", do_device_unlock, 0, 0),
+	ROW("hmm_device_unlock", "NULL hmm", do_device_unlock, -EINVAL, .h = H_NULL),
+	ROW("hmm_device_unlock", "foreign hmm", do_device_unlock, -EINVAL, .h = H_FOREIGN),
+	ROW("hmm_device_unlock", "zero length", do_device_unlock, -EINVAL, .len = L_ZERO),
+	ROW("hmm_device_unlock", "unaligned address", do_device_unlock, -EINVAL,
+	    .addr = A_RW_PLUS1),
+	ROW("hmm_device_unlock", "unaligned length", do_device_unlock, -EINVAL,
+	    .len = L_PAGE_PLUS1),
+	ROW("hmm_device_unlock", "wrapping length", do_device_unlock, -EINVAL, .len = L_WRAP),
+	ROW("hmm_device_unlock", "SIZE_MAX length", do_device_unlock, -EINVAL, .len = L_MAX),
+	ROW("hmm_device_unlock", "NULL address", do_device_unlock, -EFAULT, .addr = A_NULL),
+	ROW("hmm_device_unlock", "foreign memory", do_device_unlock, -EFAULT, .addr = A_FOREIGN),
+	ROW("hmm_device_unlock", "runs off the end of a mapping", do_device_unlock, -EFAULT,
+	    .len = L_OFF_END),
+	ROW("hmm_device_unlock", "unmapped memory", do_device_unlock, -EFAULT, .addr = A_GONE),
+	AFTER("hmm_device_unlock", "after hmm_fini", do_device_unlock, -EINVAL, .h = H_STALE),
 
 	/* hmm_mirror_stats_read */
 	ROW("hmm_mirror_stats_read", "valid (control)", do_mirror_stats, 0, 0),

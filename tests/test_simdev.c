@@ -35,7 +35,13 @@
 /* Far from anything hmm_mmap() or malloc hands out: no page here is libhmm's. */
 #define VA ((uintptr_t)0x100000000000ul)
 
-#define DPTE_HOST(p)	((uint64_t)(uintptr_t)(p) | HMM_DPTE_VALID | HMM_DPTE_WRITE)
+/*
+ * Host entries come exclusive: kernels here do atomics on them, which simdev
+ * does only on pages it holds exclusive (access.c; the core's side is
+ * hmm_mirror_fault() with HMM_FAULT_EXCLUSIVE).
+ */
+#define DPTE_HOST(p)	((uint64_t)(uintptr_t)(p) | HMM_DPTE_VALID | HMM_DPTE_WRITE | \
+			 HMM_DPTE_EXCLUSIVE)
 #define DPTE_DEV(a)	((a) | HMM_DPTE_VALID | HMM_DPTE_WRITE | HMM_DPTE_DEVICE)
 
 static struct hmm *hmm;

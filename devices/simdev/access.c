@@ -41,6 +41,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -158,6 +159,26 @@ static int mmu_fault(struct simdev_thread *t, uintptr_t addr, bool write)
 		simdev_count(&sd->stat.faults, 1);
 		err = hmm_mirror_fault(&sd->mirror, page, page + SIMDEV_PAGE_SIZE, flags);
 	}
+	simdev_thread_resume(t);
+	if (err)
+		simdev_count(&sd->stat.fault_errors, 1);
+	return err;
+}
+
+/*
+ * An atomic on a host page that the thread's entry does not hold exclusive:
+ * ask the core for the page alone, exclusive (HMM_FAULT_EXCLUSIVE).
+ */
+static int mmu_fault_exclusive(struct simdev_thread *t, uintptr_t addr)
+{
+	struct simdev *sd = t->sd;
+	uintptr_t page = addr & ~PAGE_OFFSET_MASK;
+	int err;
+
+	simdev_thread_quiesce(t);
+	simdev_count(&sd->stat.faults, 1);
+	err = hmm_mirror_fault(&sd->mirror, page, page + SIMDEV_PAGE_SIZE,
+			       HMM_FAULT_WRITE | HMM_FAULT_EXCLUSIVE);
 	simdev_thread_resume(t);
 	if (err)
 		simdev_count(&sd->stat.fault_errors, 1);
@@ -368,6 +389,117 @@ static uint64_t *word(struct simdev_thread *t, uintptr_t addr, bool write)
 }
 
 /*
+ * Atomics. In device memory they are the arena's own atomics. On host pages
+ * (a memoryless simdev) simdev behaves like a device behind a bus without
+ * atomics the CPU would see (PCIe offers few, some platforms none): it reads
+ * the word, computes, and writes it back, under a lock of its own that makes
+ * the operation atomic among its threads but not against the CPU. So it
+ * needs the page exclusive (HMM_DPTE_EXCLUSIVE): it faults with
+ * HMM_FAULT_EXCLUSIVE when its entry is not, and counts a violation when,
+ * during the operation, the CPU view maps the page (/proc/self/pagemap) or
+ * the word changed between its read and its write (which the write then
+ * overwrites, as such a device would). An exclusive entry cannot be revoked
+ * under a running operation: the revocation's shootdown waits for this
+ * thread to leave the generation it translated in.
+ */
+struct rmw {
+	uint64_t *w;
+	struct simdev_tlb_entry *e;
+};
+
+/* The word at @addr for an atomic: writable, and exclusive if on the host. */
+static bool atomic_word(struct simdev_thread *t, uintptr_t addr, struct rmw *r)
+{
+	for (;;) {
+		r->w = word(t, addr, true);
+		if (!r->w)
+			return false;
+		r->e = &t->tlb[(addr >> SIMDEV_PAGE_SHIFT) % SIMDEV_TLB_ENTRIES];
+		if (r->e->dpte & (HMM_DPTE_DEVICE | HMM_DPTE_EXCLUSIVE))
+			return true;
+		int err = mmu_fault_exclusive(t, addr);
+
+		if (err) {
+			thread_fail(t, err);
+			return false;
+		}
+	}
+}
+
+/* Does the CPU view map the page of @addr now? false if it cannot tell. */
+static bool cpu_maps(struct simdev *sd, uintptr_t addr)
+{
+	uint64_t entry;
+
+	if (sd->pagemap_fd < 0 ||
+	    pread(sd->pagemap_fd, &entry, sizeof(entry),
+		  (off_t)(addr >> SIMDEV_PAGE_SHIFT) * (off_t)sizeof(entry)) != sizeof(entry))
+		return false;
+	return entry >> 63;		/* "present" */
+}
+
+static void rmw_lock(struct simdev *sd, uintptr_t addr)
+{
+	atomic_flag *l = &sd->rmw_lock[(addr >> 3) % SIMDEV_RMW_LOCKS];
+
+	while (atomic_flag_test_and_set_explicit(l, memory_order_acquire))
+		simdev_cpu_relax();
+}
+
+static void rmw_unlock(struct simdev *sd, uintptr_t addr)
+{
+	atomic_flag_clear_explicit(&sd->rmw_lock[(addr >> 3) % SIMDEV_RMW_LOCKS],
+				   memory_order_release);
+}
+
+/*
+ * The host half of an atomic: *@old receives the word; @desired is computed
+ * by @op from it. Return: whether @op wrote.
+ */
+static bool host_rmw(struct simdev_thread *t, uintptr_t addr, uint64_t *w, uint64_t *old,
+		     bool (*op)(uint64_t cur, uint64_t *next, void *arg), void *arg)
+{
+	struct simdev *sd = t->sd;
+	uint64_t cur, next, seen;
+	bool wrote;
+
+	if (cpu_maps(sd, addr))
+		violation(t);
+	rmw_lock(sd, addr);
+	cur = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+	wrote = op(cur, &next, arg);
+	if (wrote) {
+		seen = cur;
+		if (!__atomic_compare_exchange_n(w, &seen, next, false, __ATOMIC_SEQ_CST,
+						 __ATOMIC_SEQ_CST)) {
+			violation(t);	/* someone outside the device wrote meanwhile */
+			__atomic_store_n(w, next, __ATOMIC_SEQ_CST);
+		}
+	}
+	rmw_unlock(sd, addr);
+	*old = cur;
+	return wrote;
+}
+
+static bool add_op(uint64_t cur, uint64_t *next, void *arg)
+{
+	*next = cur + *(uint64_t *)arg;
+	return true;
+}
+
+struct cas_arg {
+	uint64_t expected, desired;
+};
+
+static bool cas_op(uint64_t cur, uint64_t *next, void *arg)
+{
+	struct cas_arg *c = arg;
+
+	*next = c->desired;
+	return cur == c->expected;
+}
+
+/*
  * Word accesses are single-copy atomic. Loads acquire and stores release so
  * kernels can hand data to each other through a flag; read-modify-writes are
  * sequentially consistent, like a GPU's device-scope atomics at their
@@ -390,23 +522,36 @@ void simdev_store64(struct simdev_thread *t, uintptr_t addr, uint64_t value)
 
 uint64_t simdev_fetch_add64(struct simdev_thread *t, uintptr_t addr, uint64_t value)
 {
-	uint64_t *w = word(t, addr, true);
+	struct rmw r;
+	uint64_t old;
 
-	return w ? __atomic_fetch_add(w, value, __ATOMIC_SEQ_CST) : 0;
+	if (!atomic_word(t, addr, &r))
+		return 0;
+	if (r.e->dpte & HMM_DPTE_DEVICE)
+		return __atomic_fetch_add(r.w, value, __ATOMIC_SEQ_CST);
+	host_rmw(t, addr, r.w, &old, add_op, &value);
+	return old;
 }
 
 /* Needs write permission even when it fails, as a locked compare-exchange does. */
 bool simdev_cas64(struct simdev_thread *t, uintptr_t addr, uint64_t *expected, uint64_t desired)
 {
-	uint64_t *w;
+	struct cas_arg c;
+	struct rmw r;
+	uint64_t old;
 
 	if (!expected && !t->err)
 		thread_fail(t, -EINVAL);
-	w = word(t, addr, true);
-	if (!w)
+	if (!atomic_word(t, addr, &r))
 		return false;
-	return __atomic_compare_exchange_n(w, expected, desired, false, __ATOMIC_SEQ_CST,
-					   __ATOMIC_SEQ_CST);
+	if (r.e->dpte & HMM_DPTE_DEVICE)
+		return __atomic_compare_exchange_n(r.w, expected, desired, false, __ATOMIC_SEQ_CST,
+						   __ATOMIC_SEQ_CST);
+	c = (struct cas_arg){ .expected = *expected, .desired = desired };
+	if (host_rmw(t, addr, r.w, &old, cas_op, &c))
+		return true;
+	*expected = old;
+	return false;
 }
 
 bool simdev_failed(const struct simdev_thread *t)

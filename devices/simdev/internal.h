@@ -27,6 +27,8 @@
  *   engine.lock      the DMA engine's queue (dma.c)
  *   job->lock        one copy fence's completion (dma.c)
  *   run.lock         kernel dispatch (kernel.c)
+ *   rmw_lock[]       one host-memory atomic's read-modify-write (access.c):
+ *                    spin locks held for a load and a store, no call made
  * Everything else is lock-free: the page table (atomic slots, directories
  * installed by compare-and-swap), the chunk bitmap, the counters, the fault
  * injection counts and the shootdown fence pool. That is what lets the copy
@@ -261,6 +263,7 @@ struct simdev_counters {
 };
 
 #define SIMDEV_NR_INJECT	(SIMDEV_DIE + 1)
+#define SIMDEV_RMW_LOCKS	64
 
 struct simdev {
 	struct hmm_device dev;		/* the core's view of the device */
@@ -277,6 +280,15 @@ struct simdev {
 	struct simdev_engine engine;
 	struct simdev_run run;
 	struct simdev_thread *thread;	/* [nr_threads], cache-line aligned */
+
+	/*
+	 * Atomics on host pages (access.c): a read-modify-write under one of
+	 * these locks, by word address, atomic among this device's threads only;
+	 * and /proc/self/pagemap, to see whether the CPU view maps the page (-1:
+	 * unreadable, no check).
+	 */
+	atomic_flag rmw_lock[SIMDEV_RMW_LOCKS];
+	int pagemap_fd;
 
 	_Atomic unsigned int inject[SIMDEV_NR_INJECT];	/* armed counts */
 	/*

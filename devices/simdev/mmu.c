@@ -428,6 +428,7 @@ int simdev_mmu_update(struct hmm_mirror *mirror, const struct hmm_event *event,
 	case HMM_EVENT_MIGRATE:
 	case HMM_EVENT_PROTECT:
 	case HMM_EVENT_DISCARD:
+	case HMM_EVENT_EXCLUSIVE:
 		/* Page aligned by contract; rounded outwards all the same. */
 		mmu_drop(sd, event->start >> SIMDEV_PAGE_SHIFT,
 			 (event->end >> SIMDEV_PAGE_SHIFT) +

@@ -12,8 +12,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -97,6 +99,8 @@ static void *zalloc_aligned(size_t size)
 
 static void simdev_free(struct simdev *sd)
 {
+	if (sd->pagemap_fd >= 0)
+		close(sd->pagemap_fd);
 	free(sd->thread);
 	free(sd->name);
 	free(sd);
@@ -117,6 +121,8 @@ int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct sim
 	sd = zalloc_aligned(sizeof(*sd));
 	if (!sd)
 		return -ENOMEM;
+	/* The exclusivity check of host atomics (access.c); none if unreadable. */
+	sd->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	sd->nr_threads = o.threads;
 	sd->fault_bytes = o.fault_bytes;
 	atomic_init(&sd->engine.bytes_per_sec, o.dma_bytes_per_sec);

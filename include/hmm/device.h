@@ -121,6 +121,15 @@ enum hmm_event_type {
 	 * set, until the page is discarded or unmapped.
 	 */
 	HMM_EVENT_ISDIRTY,
+	/*
+	 * A drop: exclusive access to the host pages of [start, end) changes
+	 * hands. Either a device takes them exclusive (hmm_mirror_fault() with
+	 * HMM_FAULT_EXCLUSIVE; @owner is that device, whose own entries are
+	 * dropped too and then mapped again with HMM_DPTE_EXCLUSIVE), or the
+	 * CPU or another device takes them back from the device that held
+	 * them (@owner NULL or the other device).
+	 */
+	HMM_EVENT_EXCLUSIVE,
 };
 
 static inline bool hmm_event_is_drop(enum hmm_event_type type)
@@ -138,6 +147,14 @@ typedef uint64_t hmm_dpte_t;
 #define HMM_DPTE_WRITE		(1ull << 1)	/* writes allowed */
 #define HMM_DPTE_DEVICE		(1ull << 2)	/* address is device memory; else host */
 #define HMM_DPTE_DIRTY		(1ull << 3)	/* the device wrote it (core bookkeeping) */
+/*
+ * The page is the device's alone while the entry lasts: the CPU view does not
+ * map it and no other device maps it, so the device may do atomics on it
+ * that are not coherent with the CPU's (hmm_mirror_fault(),
+ * HMM_FAULT_EXCLUSIVE). Set on host pages taken exclusive, and on every
+ * entry for the device's own memory, which is exclusive by nature.
+ */
+#define HMM_DPTE_EXCLUSIVE	(1ull << 4)
 #define HMM_DPTE_ADDR_MASK	(~0xfffull)
 
 /* The page's address: a host frame's DMA-view address, or device memory. */
@@ -159,6 +176,11 @@ static inline bool hmm_dpte_on_device(hmm_dpte_t e)
 static inline bool hmm_dpte_dirty(hmm_dpte_t e)
 {
 	return e & HMM_DPTE_DIRTY;
+}
+
+static inline bool hmm_dpte_exclusive(hmm_dpte_t e)
+{
+	return e & HMM_DPTE_EXCLUSIVE;
 }
 
 struct hmm_device;
@@ -364,15 +386,38 @@ int hmm_mirror_fail(struct hmm_mirror *mirror);
  * each start again is a round, counted in hmm_mirror_stats.fault_rounds; a
  * range covering several regions or batches is still one round.
  *
- * @flags: HMM_FAULT_WRITE if the access writes.
+ * Exclusive access (HMM_FAULT_EXCLUSIVE, for atomics; the kernel's
+ * make_device_exclusive): the device gets the pages to itself. For a
+ * memoryless device the pages stay in host memory: every other device's entry
+ * is dropped (HMM_EVENT_EXCLUSIVE), the CPU view stops mapping them, and the
+ * entries come with HMM_DPTE_EXCLUSIVE (page state EXCLUSIVE, page_state.h).
+ * The next CPU access to such a page (read or write, either fault mode)
+ * revokes it: the device's entry is dropped (HMM_EVENT_EXCLUSIVE, fence
+ * waited for) and the access proceeds with the data the device left; so
+ * does another device's fault (the last one asking wins: a second device's
+ * exclusive fault takes the pages from the first). A device with memory gets
+ * the pages in its memory, as for any fault, which is exclusive by nature
+ * (its entries carry HMM_DPTE_EXCLUSIVE too). Implies HMM_FAULT_WRITE.
+ * While exclusive: hmm_mprotect() drops the device's entry (the page stays
+ * exclusive until the CPU touches it or the device faults again); hmm_munmap()
+ * and HMM_ADV_DISCARD end it with the page; hmm_migrate() to the host leaves
+ * it where it is, to a device moves it there (the entry dropped first);
+ * eviction never sees it (it is in host memory); hmm_exclusive_check() tells
+ * whether any page of a range is still exclusive. A mirror's release gives
+ * its exclusive pages back to the CPU.
+ *
+ * @flags: HMM_FAULT_WRITE if the access writes; HMM_FAULT_EXCLUSIVE above.
  * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
- * or its protection forbids the access: the pages before it are mapped, in
- * the same round; -ENOMEM device memory full and nothing evictable; -EIO a
- * copy failed, or the device has failed (hmm_mirror_fail()); -EINVAL @mirror NULL, bad range or flags; -ENODEV @mirror is
- * not registered (or released: by hmm_fini() too).
+ * or its protection forbids the access (an exclusive fault needs write):
+ * the pages before it are mapped, in the same round; -EBUSY a page is
+ * locked in another device's memory (hmm_device_lock()); -ENOMEM device
+ * memory full and nothing evictable; -EIO a copy failed, or the device has
+ * failed (hmm_mirror_fail()); -EINVAL @mirror NULL, bad range or flags;
+ * -ENODEV @mirror is not registered (or released: by hmm_fini() too).
  * Context: any thread but a signal handler; no core lock held.
  */
-#define HMM_FAULT_WRITE	1u
+#define HMM_FAULT_WRITE		1u
+#define HMM_FAULT_EXCLUSIVE	2u
 int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		     unsigned int flags);
 
