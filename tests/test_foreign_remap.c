@@ -379,7 +379,8 @@ static void move_under_reading_kernel(void)
 	pthread_t tid;
 
 	CHECK_EQ(pthread_create(&tid, NULL, reader_thread, &rd), 0);
-	for (int i = 0; i < 100; i++) {
+	/* 100 moves, and on until a few kernels have read the range whole (bounded). */
+	for (int i = 0; i < 100 || (atomic_load(&rd.runs) < 5 && i < 20000); i++) {
 		char *q = move_to(p, len, len, spot[i & 1], 0);
 
 		atomic_store(&rd.job.p, q);
@@ -391,6 +392,8 @@ static void move_under_reading_kernel(void)
 			cpu_check(p, 0, len * 3 / 4, salt, false);
 		if (i % 7 == 0)
 			on_device(p, len / 2);
+		if (i >= 100)
+			usleep(1000);	/* a loaded machine: give the kernels time */
 	}
 	atomic_store(&rd.stop, true);
 	CHECK_EQ(pthread_join(tid, NULL), 0);
