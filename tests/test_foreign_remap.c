@@ -80,6 +80,15 @@ static void on_device(char *p, size_t len)
 	CHECK_EQ(hmm_migrate(hmm, p, len, simdev_device(sd), 0, NULL), 0);
 }
 
+/* After each case: simdev saw no access its mirror state did not allow. */
+static void no_violations(void)
+{
+	struct simdev_stats st;
+
+	CHECK_EQ(simdev_stats_read(sd, &st), 0);
+	CHECK_EQ(st.violations, 0);
+}
+
 static struct hmm_stats stats(void)
 {
 	struct hmm_stats st;
@@ -535,13 +544,21 @@ int main(void)
 		CHECK_EQ(hmm_init(&o, &hmm), 0);
 		CHECK_EQ(simdev_create(hmm, &so, &sd), 0);
 		RUN(move_keeps_data_everywhere);
+		no_violations();
 		RUN(move_part_of_region);
+		no_violations();
 		RUN(shrink_unmaps_tail);
+		no_violations();
 		RUN(grow_tail_is_not_libhmm_memory);
+		no_violations();
 		RUN(dontunmap_leaves_nothing_behind);
+		no_violations();
 		RUN(foreign_madvise);
+		no_violations();
 		RUN(move_under_reading_kernel);
+		no_violations();
 		RUN(stress_migrations_vs_foreign_calls);
+		no_violations();
 		simdev_destroy_checked(sd);
 		CHECK_EQ(hmm_fini(hmm), 0);
 	}
