@@ -106,13 +106,36 @@ int hmm_fini(struct hmm *hmm);
 int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void **addr);
 
 /*
- * hmm_munmap - unmap [@addr, @addr + @length) and free its memory. A plain
- * munmap() of libhmm memory has the same effect, shortly after it returns
- * (the core learns of it from a userfaultfd event). mremap() of libhmm memory
- * is not supported. The range
+ * hmm_munmap - unmap [@addr, @addr + @length) and free its memory. The range
  * may cover parts of several mappings, but every page in it must be libhmm's.
  * Return: 0; -EINVAL unaligned @addr, zero or wrapping length, or a page in
  * the range that is not libhmm memory (nothing is unmapped then).
+ *
+ * Plain system calls on libhmm memory, behind the library's back. The core
+ * learns of munmap() and mremap() from userfaultfd events that it handles
+ * just after the call returns; until then an access to the new address (CPU,
+ * device, or a call of this API) waits for it rather than failing.
+ *   munmap()     as hmm_munmap().
+ *   mremap()     a move (MREMAP_MAYMOVE, MREMAP_FIXED, of a whole mapping or
+ *                of part of one) keeps every page's data, wherever it lives
+ *                (host, a device, never touched): the CPU and every device
+ *                find it at the new address, device pages stay on their
+ *                device, and nothing is left at the old address (devices
+ *                drop their entries for it). Shrinking unmaps the tail as
+ *                munmap() would. Growing does not grow libhmm memory: as with
+ *                any shared file mapping whose file does not grow, an access
+ *                beyond the old length gets SIGBUS (in both fault modes; in
+ *                signal mode through the handler installed before libhmm's).
+ *                Unmap the grown mapping with munmap(), not hmm_munmap().
+ *                MREMAP_DONTUNMAP moves the data as a plain move does; the
+ *                old range stays mapped but is not libhmm memory any more:
+ *                an access there gets SIGBUS; munmap() it.
+ *   madvise()    MADV_DONTNEED (and _LOCKED) on a shared mapping only drops
+ *                CPU mappings: every page keeps its data. MADV_REMOVE frees
+ *                the memory behind the range: pages in host memory read as
+ *                zeros afterwards, on the CPU and on devices, but pages that
+ *                live on a device keep their data (the core is not told,
+ *                see docs/cpu-faults.md): use hmm_madvise(HMM_ADV_DISCARD).
  */
 int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
 

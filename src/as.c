@@ -14,16 +14,40 @@
  * Either way a fault we cannot serve yet (-EAGAIN: the mapping is changing;
  * -EIO: a device page could not be copied home) is retried by letting the
  * access fault again.
+ *
+ * Events (UNMAP: a foreign munmap; REMAP: a foreign mremap) are read and
+ * handled by the fault thread in both modes. The thread that called munmap
+ * or mremap resumes as soon as the message is read, before the core has
+ * handled it, so for a while the moved memory is at an address the region
+ * table does not know yet. An access there must wait, not die:
+ *   - events_pending counts the messages the fault thread may hold unhandled:
+ *     it counts one before every read (so it is never 0 between a read that
+ *     releases a mremap caller and the message's handling) and uncounts it
+ *     when the read gave no event or once the event is handled;
+ *   - a SIGBUS, a device fault or a library call that finds no region while
+ *     events are pending waits for them (hmm_events_settle()) and looks again;
+ *   - in thread mode, a fault message for an address we do not know is kept
+ *     (deferred) until the messages queued behind it have been read and
+ *     handled (events are read after faults, uffd.h hazard 3), then served.
+ * Only then is an address that is still not ours not libhmm memory: a
+ * signal-mode SIGBUS goes to the previous handler; in thread mode the page
+ * is poisoned (UFFDIO_POISON) so that the access gets SIGBUS as well rather
+ * than faulting for ever (the tail of a mremap() that grew a mapping, the
+ * old range of an MREMAP_DONTUNMAP).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -54,6 +78,40 @@ bool hmm_global_trylock(void)
 }
 static struct sigaction previous_sigbus;
 
+/*
+ * Events read or about to be read but not handled yet (see the top of this
+ * file), and a futex word bumped each time one has been handled. Process
+ * globals rather than fields of struct hmm: a SIGBUS handler waits on them
+ * outside its read section, where @hmm may go (hmm_fini() with a thread still
+ * touching libhmm memory is the caller's bug, but must not be a use after
+ * free here).
+ */
+static _Atomic uint32_t events_pending;
+static _Atomic uint32_t events_handled;
+
+bool hmm_events_settle(void)
+{
+	bool waited = false;
+
+	for (;;) {
+		uint32_t seq = atomic_load(&events_handled);
+
+		if (!atomic_load(&events_pending))
+			return waited;
+		waited = true;
+		/* Bounded: the count also covers a read that finds nothing. */
+		syscall(SYS_futex, &events_handled, FUTEX_WAIT_PRIVATE, seq,
+			&(struct timespec){ .tv_nsec = 1000000 }, NULL, 0);
+	}
+}
+
+static void event_done(void)
+{
+	atomic_fetch_sub(&events_pending, 1);
+	atomic_fetch_add(&events_handled, 1);
+	syscall(SYS_futex, &events_handled, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
 /* ---- signal mode --------------------------------------------------------- */
 
 static void pass_on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -80,6 +138,13 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 	if (hmm && hmm->fault_mode == HMM_FAULT_SIGNAL && si->si_code == BUS_ADRERR)
 		ret = hmm_cpu_fault(hmm, (uintptr_t)si->si_addr);
 	hmm_rcu_read_unlock();
+	/*
+	 * Not ours, or not yet: a foreign mremap() may have moved it here and
+	 * its event be unhandled. Waited for outside the read section: the
+	 * fault thread handling it waits for a grace period.
+	 */
+	if (ret == -EFAULT && hmm_events_settle())
+		ret = -EAGAIN;
 	errno = saved_errno;
 	/*
 	 * Served, or retried by faulting again: -EAGAIN the mapping is
@@ -95,33 +160,89 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 
 /* ---- thread mode --------------------------------------------------------- */
 
+/* Thread mode: fault messages kept until the events behind them are handled. */
+#define MAX_DEFERRED 256
+
+struct deferred {
+	uintptr_t page[MAX_DEFERRED];
+	unsigned int nr;
+};
+
+/*
+ * Handles one event. Return: true if it was one (counted in events_pending
+ * by the read that got it).
+ */
+static bool handle_event(struct hmm *hmm, const struct uffd_msg *msg)
+{
+	switch (msg->event) {
+	case UFFD_EVENT_UNMAP:
+		/*
+		 * A foreign munmap() of a CPU view: it is gone already (the
+		 * caller resumed when we read this). Forget it as hmm_munmap()
+		 * would, except for the CPU view itself.
+		 */
+		hmm_region_forget(hmm, (uintptr_t)msg->arg.remove.start,
+				  (uintptr_t)msg->arg.remove.end);
+		return true;
+	case UFFD_EVENT_REMAP:
+		/*
+		 * A foreign mremap() moved a CPU view (its tail, if it shrank,
+		 * comes as an UNMAP before this; the old range, unless
+		 * MREMAP_DONTUNMAP, as one after).
+		 */
+		hmm_region_move(hmm, (uintptr_t)msg->arg.remap.from, (uintptr_t)msg->arg.remap.to,
+				(size_t)msg->arg.remap.len);
+		return true;
+	}
+	return false;
+}
+
+/* An address that is not libhmm memory: make the access fail with SIGBUS. */
+static void refuse(struct hmm *hmm, uintptr_t page)
+{
+	if (hmm->uffd_features & UFFD_FEATURE_POISON)
+		hmm_uffd_poison(hmm->uffd, (void *)page, HMM_PAGE_SIZE, 0, NULL);
+	hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
+}
+
+static void serve_fault(struct hmm *hmm, uintptr_t page, struct deferred *d)
+{
+	int ret = hmm_cpu_fault(hmm, page);
+
+	if (ret == -EFAULT && d && d->nr < MAX_DEFERRED) {
+		d->page[d->nr++] = page;	/* perhaps an event behind it moves memory here */
+		return;
+	}
+	if (ret == -EFAULT && !d)
+		refuse(hmm, page);
+	else if (ret)
+		/* The mapping is changing, or a copy home failed: fault again. */
+		hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
+}
+
 static void serve_messages(struct hmm *hmm)
 {
+	struct deferred d = { .nr = 0 };
 	struct uffd_msg msg;
 
-	while (hmm_uffd_read_msg(hmm->uffd, &msg) == 0) {
-		uintptr_t page;
+	for (;;) {
+		int ret;
 
-		if (msg.event == UFFD_EVENT_UNMAP) {
-			/*
-			 * A foreign munmap() of a CPU view: it is gone already
-			 * (the caller resumed when we read this). Forget it as
-			 * hmm_munmap() would, except for the CPU view itself.
-			 */
-			hmm_region_forget(hmm, (uintptr_t)msg.arg.remove.start,
-					  (uintptr_t)msg.arg.remove.end);
+		atomic_fetch_add(&events_pending, 1);
+		ret = hmm_uffd_read_msg(hmm->uffd, &msg);
+		if (ret == 0 && handle_event(hmm, &msg)) {
+			event_done();
 			continue;
 		}
-		if (msg.event != UFFD_EVENT_PAGEFAULT)
-			continue;
-		page = (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK;
-		/*
-		 * Not served (not ours any more, or the mapping is changing): wake
-		 * the thread so it retries, and faults again or gets SIGSEGV.
-		 */
-		if (hmm_cpu_fault(hmm, page) != 0)
-			hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
+		atomic_fetch_sub(&events_pending, 1);
+		if (ret)
+			break;
+		if (msg.event == UFFD_EVENT_PAGEFAULT)
+			serve_fault(hmm, (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK, &d);
 	}
+	/* Every event queued behind them is handled: now they are ours or never. */
+	for (unsigned int i = 0; i < d.nr; i++)
+		serve_fault(hmm, d.page[i], NULL);
 }
 
 static void *fault_thread(void *arg)
@@ -232,7 +353,8 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 {
 	struct hmm *hmm;
 	uint64_t features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM |
-			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_EVENT_UNMAP;
+			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_EVENT_UNMAP |
+			    UFFD_FEATURE_EVENT_REMAP;
 	int ret;
 
 	if (!out)
@@ -247,7 +369,10 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 		goto fail_free;
 	if (hmm->fault_mode == HMM_FAULT_SIGNAL)
 		features |= UFFD_FEATURE_SIGBUS;
-	/* Device-locked ranges need poison markers; only they do (hmm_device_lock). */
+	/*
+	 * Poison markers: device-locked ranges (hmm_device_lock), and thread
+	 * mode refusing a page that is not ours (serve_messages()).
+	 */
 	features |= hmm_uffd_features() & UFFD_FEATURE_POISON;
 
 	pthread_mutex_lock(&init_lock);

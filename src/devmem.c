@@ -194,6 +194,19 @@ void hmm_devmem_free(struct hmm_devmem *dm, const uint64_t *frames, size_t n)
 	pthread_mutex_unlock(&dm->lock);
 }
 
+void hmm_devmem_set_owner(struct hmm_devmem *dm, uint64_t frame, uintptr_t owner)
+{
+	struct hmm_devmem_chunk *c;
+	unsigned int p;
+
+	pthread_mutex_lock(&dm->lock);
+	c = frame_chunk(dm, frame, &p);
+	hmm_assert(c);	/* re-owning a frame that is not allocated */
+	if (c)
+		c->owner[p] = owner;
+	pthread_mutex_unlock(&dm->lock);
+}
+
 void hmm_devmem_touch(struct hmm_devmem *dm, const uint64_t *frames, size_t n)
 {
 	pthread_mutex_lock(&dm->lock);

@@ -76,6 +76,12 @@ int hmm_devmem_alloc(struct hmm_devmem *dm, uintptr_t owner, size_t n, uint64_t 
 /* Frees @n frames; a chunk left empty goes back to the backend. */
 void hmm_devmem_free(struct hmm_devmem *dm, const uint64_t *frames, size_t n);
 
+/*
+ * The page in @frame now lives at virtual page @owner: a foreign mremap()
+ * moved it (region.c). Eviction finds it there from then on.
+ */
+void hmm_devmem_set_owner(struct hmm_devmem *dm, uint64_t frame, uintptr_t owner);
+
 /* Marks the chunks holding @frames most recently used. */
 void hmm_devmem_touch(struct hmm_devmem *dm, const uint64_t *frames, size_t n);
 

@@ -71,6 +71,7 @@ struct hmm_memfd {
 	size_t size;			/* bytes: the original hmm_mmap() length */
 	char *dma;			/* DMA view of the whole file */
 	_Atomic long refs;		/* regions using it */
+	uint64_t dev, ino;		/* the file's identity, as /proc/self/maps names it */
 };
 
 /* Immutable once published in a region table: changes make new regions. */
@@ -259,6 +260,17 @@ struct hmm_region *hmm_region_find(struct hmm *hmm, uintptr_t addr);
  * Context: the fault thread.
  */
 void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end);
+/*
+ * A foreign mremap() moved the CPU view of [from, from + len) to [to, to +
+ * len) (a uffd REMAP event; the kernel has moved the mapping and its page
+ * tables already). The libhmm regions there move with it: devices drop
+ * their entries for the old range (HMM_EVENT_MUNMAP), the logical entries
+ * and device memory's reverse map follow the pages, the data stays where it
+ * is (host frames, device frames). Whatever was still ours at the
+ * destination is forgotten first.
+ * Context: the fault thread.
+ */
+void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len);
 /* Unmaps and frees every region. Context: hmm_fini(), no concurrent users. */
 void hmm_region_destroy_all(struct hmm *hmm);
 
@@ -457,6 +469,14 @@ void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);
+/*
+ * Waits until the fault thread has handled every uffd event it has read (a
+ * foreign mremap() may have moved memory to an address the region table
+ * does not know yet). Call it, holding nothing, where an address was not
+ * found, and look again if it waited. Not from the fault thread.
+ * Return: true if events were pending.
+ */
+bool hmm_events_settle(void);
 /* init_lock (lock 0): hmm_init/fini, device and mirror registration and release. */
 void hmm_global_lock(void);
 void hmm_global_unlock(void);

@@ -101,8 +101,13 @@ static bool mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t 
 	return true;
 }
 
-/* Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault. */
-static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
+/*
+ * Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault.
+ * A run whose CPU view is not mapped any more gets -EAGAIN in @err: a foreign
+ * mremap() moved it after the caller checked its span, so the zap missed the
+ * PTEs, which are at the new address now; those pages must not move.
+ */
+static void zap_cpu(struct hmm_busy *b, const uint64_t *mask, int *err)
 {
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
 
@@ -115,9 +120,11 @@ static void zap_cpu(struct hmm_busy *b, const uint64_t *mask)
 		}
 		for (j = i + 1; j < n && hmm_bit_test(mask, j); j++)
 			;
-		/* No uffd event: the core does not ask for REMOVE events. */
-		madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
-			MADV_DONTNEED);
+		/* No uffd event: the core does not ask for REMOVE events (docs/cpu-faults.md). */
+		if (madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
+			    MADV_DONTNEED) && errno == ENOMEM)
+			for (size_t k = i; k < j; k++)
+				err[k] = -EAGAIN;
 		i = j;
 	}
 }
@@ -442,7 +449,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	hmm_inval_begin(hmm, &iv, drop_start, drop_end);
 	if (drop_end > drop_start)
 		hmm_inval_mirrors(hmm, drop_start, drop_end, HMM_EVENT_MIGRATE, owner);
-	zap_cpu(b, zap);
+	zap_cpu(b, zap, m->err);
 
 	/* Phase 2: destination frames, then the copies. */
 	if (to)
@@ -603,6 +610,8 @@ static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			ret = -EAGAIN;	/* the region changed under us: look again */
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
+		if (ret == -EAGAIN)
+			sched_yield();	/* a foreign mremap(): let the fault thread catch up */
 		if (ret == -EAGAIN || (ret == -ENOMEM && hmm_make_room(hmm, to, &tries)))
 			continue;
 		if (ret)
@@ -846,6 +855,8 @@ int hmm_migrate(struct hmm *hmm, void *addr, size_t length, struct hmm_device *t
 		ret = -EOPNOTSUPP;
 	else
 		ret = hmm_range_check(hmm, start, end, 0);
+	if (ret == -EFAULT && hmm_events_settle())
+		ret = hmm_range_check(hmm, start, end, 0);	/* moved here by a foreign mremap()? */
 	if (!ret)
 		ret = fence ? migrate_async(hmm, start, end, mc, fence) :
 			      migrate_range(hmm, start, end, mc);

@@ -95,6 +95,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -728,6 +729,8 @@ int hmm_dirty(struct hmm *hmm, void *addr, size_t length, unsigned char *vec)
 	    !hmm_range_valid(start, end))
 		return -EINVAL;
 	ret = hmm_range_check(hmm, start, end, 0);
+	if (ret == -EFAULT && hmm_events_settle())
+		ret = hmm_range_check(hmm, start, end, 0);	/* moved here by a foreign mremap()? */
 	if (ret)
 		return ret;
 	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE)
@@ -1083,6 +1086,10 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		hmm_reclaim_due(hmm, false);	/* holding nothing: a safe point */
 		wait_invals(hmm, a, batch_end);				/* F1 */
 		ret = hmm_span_get(hmm, a, batch_end, &s);
+		if (ret && hmm_events_settle()) {
+			ret = 0;	/* a foreign mremap() may be moving memory here */
+			continue;
+		}
 		if (ret)
 			break;		/* -EFAULT: the pages before are mapped */
 		ret = access_perm(&s, write, &perm);
@@ -1146,7 +1153,10 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 		hmm_busy_unlock(hmm, &b);
 		if (ret) {
 			hmm_span_put(&s);
-			if (ret == -ENOMEM && hmm_make_room(hmm, mc, &tries)) {
+			if ((ret == -ENOMEM && hmm_make_room(hmm, mc, &tries)) || ret == -EAGAIN) {
+				/* -EAGAIN: a foreign mremap() moved the pages; look again. */
+				if (ret == -EAGAIN)
+					sched_yield();
 				ret = 0;
 				continue;
 			}

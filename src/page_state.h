@@ -94,6 +94,15 @@
  *                                                  unregistered and unmapped,
  *                                                  entry cleared, host frame
  *                                                  punched out of the memfd
+ *   any        (same),    a foreign mremap()       invalidates the old address
+ *              at a new   (region.c, REMAP event)  (update(MUNMAP)); the entry
+ *              address                             moves to the new address,
+ *                                                  busy at both, and device
+ *                                                  memory's reverse map with
+ *                                                  it; no data moves (host
+ *                                                  frames are the memfd's, and
+ *                                                  the kernel moved the CPU
+ *                                                  view's PTEs)
  *   any        EMPTY      hmm_madvise(DISCARD)     invalidates (DISCARD), device
  *                                                  frames freed, host frames
  *                                                  punched (which unmaps them

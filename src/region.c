@@ -16,7 +16,11 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -128,6 +132,15 @@ static void table_publish(struct hmm *hmm, struct hmm_region_table *t)
 	hmm_rcu_synchronize();
 }
 
+/* Does any region of @t overlap [start, end)? */
+static bool overlaps_any(struct hmm_region_table *t, uintptr_t start, uintptr_t end)
+{
+	for (size_t i = 0; i < t->nr; i++)
+		if (t->region[i]->start < end && start < t->region[i]->end)
+			return true;
+	return false;
+}
+
 static bool prot_valid(int prot)
 {
 	return prot == PROT_NONE || prot == PROT_READ || prot == (PROT_READ | PROT_WRITE);
@@ -140,6 +153,7 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	struct hmm_memfd *f = NULL;
 	struct hmm_region *r = NULL;
 	void *cpu = MAP_FAILED;
+	struct stat st;
 	size_t i, j;
 	int ret;
 
@@ -159,6 +173,10 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	f->fd = memfd_create("libhmm", MFD_CLOEXEC);
 	if (f->fd < 0 || ftruncate(f->fd, (off_t)len) < 0)
 		goto fail_errno;
+	if (fstat(f->fd, &st) < 0)
+		goto fail_errno;
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
 	f->dma = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, f->fd, 0);
 	if (f->dma == MAP_FAILED)
 		goto fail_errno;
@@ -179,8 +197,21 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	if (!r)
 		goto fail_nomem;
 
-	pthread_mutex_lock(&hmm->lock);
-	old = table_of(hmm);
+	/*
+	 * The kernel may hand out an address whose unmap or move the fault
+	 * thread has not handled yet: its old region is still in the table.
+	 * That event is coming (the address was freed by an munmap or a
+	 * mremap of a registered range); wait for it to be handled.
+	 */
+	for (;;) {
+		pthread_mutex_lock(&hmm->lock);
+		old = table_of(hmm);
+		if (!overlaps_any(old, r->start, r->end))
+			break;
+		pthread_mutex_unlock(&hmm->lock);
+		if (!hmm_events_settle())
+			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	}
 	t = table_alloc(old->nr + 1);
 	if (!t) {
 		pthread_mutex_unlock(&hmm->lock);
@@ -414,7 +445,37 @@ int hmm_munmap(struct hmm *hmm, void *addr, size_t length)
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
 		return -EINVAL;
+	hmm_events_settle();	/* a foreign mremap() may have moved the range here */
 	return change_range(hmm, start, end, -1, false);
+}
+
+/*
+ * Does the CPU view at @addr map @dev/@ino at file offset @offset right now
+ * (/proc/self/maps)? A region an UNMAP event names may be alive: the kernel
+ * frees the address before it queues the event, and hmm_mmap() may have been
+ * given it (or the tail of a grown mapping that was never ours, or the old
+ * range of a mremap(), the UNMAP of which follows its REMAP) meanwhile.
+ */
+static bool cpu_view_maps(uintptr_t addr, uint64_t dev, uint64_t ino, uint64_t offset)
+{
+	FILE *maps = fopen("/proc/self/maps", "re");
+	char line[512];
+	bool found = false;
+
+	if (!maps)
+		return false;
+	while (fgets(line, sizeof(line), maps)) {
+		unsigned long long a, b, off, inode;
+		unsigned int major, minor;
+
+		if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &a, &b, &off, &major, &minor,
+			   &inode) != 6 || addr < a || addr >= b)
+			continue;
+		found = inode == ino && makedev(major, minor) == dev && off + (addr - a) == offset;
+		break;
+	}
+	fclose(maps);
+	return found;
 }
 
 void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end)
@@ -424,6 +485,7 @@ void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end)
 	while (start < end) {
 		struct hmm_region_table *t;
 		uintptr_t s = end, e = end;
+		uint64_t dev = 0, ino = 0, offset = 0;
 
 		/* The first libhmm stretch at or after @start, one region at a time. */
 		pthread_mutex_lock(&hmm->lock);
@@ -434,15 +496,191 @@ void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end)
 			if (r->end > start && r->start < end) {
 				s = r->start > start ? r->start : start;
 				e = r->end < end ? r->end : end;
+				dev = r->file->dev;
+				ino = r->file->ino;
+				offset = r->offset + (s - r->start);
 				break;
 			}
 		}
 		pthread_mutex_unlock(&hmm->lock);
 		if (s >= end)
 			return;
-		change_range(hmm, s, e, -1, true);
+		/* Mapped again as this region says: a newer mapping, not the one unmapped. */
+		if (!cpu_view_maps(s, dev, ino, offset))
+			change_range(hmm, s, e, -1, true);
 		start = e;
 	}
+}
+
+/* A piece of a region that a foreign mremap() moved: [start, end) before, @to after. */
+struct moved_piece {
+	uintptr_t start, end, to;
+	struct hmm_region *region;		/* the region at its new place */
+};
+
+struct move_arg {
+	struct hmm *hmm;
+	const struct moved_piece *mp;
+};
+
+/* Sets a moved page's entry at its new address: the entry it had at the old one. */
+static hmm_pte_t move_entry_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	const struct move_arg *m = arg;
+
+	(void)old;
+	return hmm_pt_lookup(&m->hmm->pt, addr - m->mp->to + m->mp->start);
+}
+
+/*
+ * Puts the logical entries of @mp's pages, which the caller holds busy at
+ * their old addresses, at their new ones (busy there too), and tells device
+ * memory where its pages live now. Return: 0; -ENOMEM (nothing moved).
+ */
+static int move_entries(struct hmm *hmm, const struct moved_piece *mp)
+{
+	uintptr_t to_end = mp->to + (mp->end - mp->start);
+	struct move_arg m = { .hmm = hmm, .mp = mp };
+	int ret = hmm_pt_update(&hmm->pt, mp->to, to_end, 0, move_entry_fn, &m);
+
+	if (ret) {
+		hmm_pt_clear(&hmm->pt, mp->to, to_end, NULL);
+		return ret;
+	}
+	for (uintptr_t a = mp->start; a < mp->end; a += HMM_PAGE_SIZE) {
+		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
+
+		if (hmm_pte_state(e) == HMM_PTE_DEVICE)
+			hmm_devmem_set_owner(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem,
+					     hmm_pte_frame(e), a - mp->start + mp->to);
+	}
+	return 0;
+}
+
+/*
+ * The table @t with the regions of @mp added at their new places (sorted).
+ * Return: NULL on -ENOMEM.
+ */
+static struct hmm_region_table *table_add_moved(struct hmm_region_table *t,
+						const struct moved_piece *mp, size_t nr)
+{
+	struct hmm_region_table *n = table_alloc(t->nr + nr);
+	size_t i = 0, j = 0;
+
+	if (!n)
+		return NULL;
+	while (i < t->nr || j < nr) {
+		if (j == nr || (i < t->nr && t->region[i]->start < mp[j].region->start))
+			n->region[n->nr++] = t->region[i++];
+		else
+			n->region[n->nr++] = mp[j++].region;
+	}
+	return n;
+}
+
+#define MAX_MOVED 64
+
+void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
+{
+	uintptr_t end = from + len;
+	struct hmm_region_table *old, *cut = NULL, *t = NULL;
+	struct moved_piece mp[MAX_MOVED];
+	size_t nr = 0;
+	bool ok = true;
+
+	if (!len || (from | to | len) & ~HMM_PAGE_MASK || !hmm_range_valid(from, end) ||
+	    !hmm_range_valid(to, to + len))
+		return;
+	/*
+	 * Whatever we still have at the destination, the kernel has unmapped
+	 * (its UNMAP event, read before this one, was handled already).
+	 */
+	hmm_region_forget(hmm, to, to + len);
+
+	pthread_mutex_lock(&hmm->lock);
+	old = table_of(hmm);
+	for (size_t i = 0; i < old->nr; i++) {
+		struct hmm_region *r = old->region[i];
+		uintptr_t s = r->start > from ? r->start : from;
+		uintptr_t e = r->end < end ? r->end : end;
+
+		if (s >= e)
+			continue;
+		if (nr == MAX_MOVED) {
+			ok = false;
+			break;
+		}
+		mp[nr].start = s;
+		mp[nr].end = e;
+		mp[nr].to = s - from + to;
+		mp[nr].region = region_new(r->file, mp[nr].to, e - from + to,
+					   r->offset + (s - r->start), r->prot);
+		if (!mp[nr].region)
+			ok = false;
+		else
+			atomic_fetch_add(&r->file->refs, 1);
+		nr++;
+	}
+	if (!nr) {
+		pthread_mutex_unlock(&hmm->lock);
+		return;		/* not libhmm memory */
+	}
+	cut = ok ? table_cut(old, from, end, -1) : NULL;
+	t = cut ? table_add_moved(cut, mp, nr) : NULL;
+	if (!t) {
+		/* No memory to describe the move: the old range goes as if unmapped. */
+		if (cut)
+			table_discard(cut, old);
+		for (size_t i = 0; i < nr; i++) {
+			if (mp[i].region) {
+				file_put(mp[i].region->file);
+				free(mp[i].region);
+			}
+		}
+		pthread_mutex_unlock(&hmm->lock);
+		hmm_region_forget(hmm, from, end);
+		return;
+	}
+
+	/*
+	 * 1. Nobody finds the old range any more. This grace period is waited
+	 *    for holding no busy page: a signal-mode fault that found the old
+	 *    region may be waiting for one of its pages inside its read section.
+	 */
+	table_publish(hmm, cut);
+	/*
+	 * 2. Own the pages: moves and faults that found them earlier finish
+	 *    first. The kernel has moved the mapping already, so this cannot
+	 *    fail: a page-table directory that cannot be allocated now is
+	 *    waited for.
+	 */
+	for (size_t i = 0; i < nr; i++)
+		while (hmm_busy_lock_range(hmm, mp[i].start, mp[i].end))
+			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	for (size_t i = 0; i < nr; i++) {
+		/* 3. Devices drop every entry of the old range; the data stays where it is. */
+		struct hmm_range_node iv;
+
+		hmm_inval_begin(hmm, &iv, mp[i].start, mp[i].end);
+		hmm_inval_mirrors(hmm, mp[i].start, mp[i].end, HMM_EVENT_MUNMAP, NULL);
+		hmm_inval_end(hmm, &iv);
+		/* 4. The entries, still busy, at the new addresses. */
+		while (move_entries(hmm, &mp[i]))
+			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	}
+	/* 5. The new range is found (its pages busy until step 6); the old entries go. */
+	table_publish(hmm, t);
+	for (size_t i = 0; i < nr; i++) {
+		hmm_pt_clear(&hmm->pt, mp[i].start, mp[i].end, NULL);
+		/* 6. */
+		hmm_busy_unlock_range(hmm, mp[i].to, mp[i].to + (mp[i].end - mp[i].start));
+	}
+	hmm_busy_wake_all(hmm);
+	release_replaced(old, from, end);
+	free(old);
+	free(cut);
+	pthread_mutex_unlock(&hmm->lock);
+	hmm_reclaim_due(hmm, false);
 }
 
 int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
@@ -451,6 +689,7 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end) || !prot_valid(prot))
 		return -EINVAL;
+	hmm_events_settle();	/* a foreign mremap() may have moved the range here */
 	return change_range(hmm, start, end, prot, false);
 }
 
@@ -503,6 +742,7 @@ int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice)
 
 	if (!hmm_is_live(hmm) || user_range(addr, length, &start, &end))
 		return -EINVAL;
+	hmm_events_settle();	/* a foreign mremap() may have moved the range here */
 	switch (advice) {
 	case HMM_ADV_DISCARD:
 		return discard_range(hmm, start, end);

@@ -36,7 +36,10 @@
  * mapped after a drop with the version from before it. A drop stamps the
  * version before it clears dpte (release), and the check loads dpte
  * (acquire) before the version, so a slot being dropped under the check
- * shows the new version, never "same version, entry gone".
+ * shows the new version. A fill that runs inside a drop, between its stamp
+ * and its clear, pairs the old entry with the new version; the check then
+ * sees "same version, entry gone", which is the drop in flight (the filling
+ * thread has not published its generation), not a violation.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -123,6 +126,14 @@ static void tlb_hit_changed(struct simdev_thread *t, struct simdev_tlb_entry *e,
 			violation(t);
 		return;
 	}
+	/*
+	 * Same version, entry gone: the fill ran inside the drop that cleared
+	 * it, after its stamp and before its clear. Fine until that drop is
+	 * complete, as above.
+	 */
+	if (!(dpte & HMM_DPTE_VALID) &&
+	    atomic_load_explicit(&t->sd->mmu.gen_done, memory_order_acquire) < version)
+		return;
 	if (hmm_dpte_addr(dpte) != hmm_dpte_addr(e->dpte) ||
 	    (dpte & (HMM_DPTE_VALID | HMM_DPTE_DEVICE)) !=
 	    (e->dpte & (HMM_DPTE_VALID | HMM_DPTE_DEVICE))) {

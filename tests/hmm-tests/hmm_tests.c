@@ -54,7 +54,7 @@
  * -EOPNOTSUPP until the core has them.
  */
 #define HAVE_INPLACE_MIRROR	0	/* devices mirror malloc'd / file memory in place */
-#define HAVE_FOREIGN_MREMAP	0	/* a plain mremap() of libhmm memory (uffd REMAP) */
+#define HAVE_FOREIGN_MREMAP	1	/* a plain mremap() of libhmm memory (uffd REMAP) */
 
 #define PAGE		4096ul
 #define PAGE_SHIFT	12

@@ -150,8 +150,8 @@ __attribute__((noreturn)) static void usage_exit(const char *prog, int status)
 		"  --mib M          data size in MiB (default 32)\n"
 		"  --dev-mib D      each simdev's memory in MiB, < M (default 8)\n"
 		"  --cpus N         CPU reader/writer threads (default 2)\n"
-		"  --actor-ops L    mapper ops, comma-separated (default munmap,mprotect);\n"
-		"                   mremap and fork wait for the mirror/fork issue\n"
+		"  --actor-ops L    mapper ops, comma-separated: munmap, mprotect, mremap\n"
+		"                   (plain mremap(2) behind the library), fork (default all)\n"
 		"  --no-lib-faults  never arm simdev's failure injection (allocations, copies, fences)\n"
 		"  --inject BUG     make the test's own writers wrong, to see the model catch it:\n"
 		"                   lost-cpu-write or torn-dev-write\n"
@@ -220,7 +220,8 @@ static void parse(int argc, char **argv)
 		.devs = T_MAX_DEVS, .dev_threads = 2, .slot_pages = (2u << 20) / T_PAGE,
 		.lib_faults = true,
 	};
-	T.cfg.actor_op[T_OP_MUNMAP] = T.cfg.actor_op[T_OP_MPROTECT] = true;
+	for (int i = 0; i < T_NR_ACTOR_OPS; i++)
+		T.cfg.actor_op[i] = true;
 	while ((c = getopt_long(argc, argv, "", opt, NULL)) != -1) {
 		switch (c) {
 		case 's':

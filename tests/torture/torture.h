@@ -59,8 +59,8 @@
 enum t_actor_op {
 	T_OP_MUNMAP,		/* unmap the slot (in pieces) and map a fresh one */
 	T_OP_MPROTECT,		/* read-only or no access for a while, and back */
-	T_OP_MREMAP,		/* off by default: waits for the mirror/fork issue */
-	T_OP_FORK,		/* off by default: waits for the mirror/fork issue */
+	T_OP_MREMAP,		/* mremap(2) behind the library: shrink, move, DONTUNMAP move */
+	T_OP_FORK,		/* the child gets SIGSEGV on libhmm memory; the parent's is intact */
 	T_NR_ACTOR_OPS,
 };
 
@@ -119,7 +119,7 @@ struct torture {
 
 	struct t_slot *slot;
 	unsigned int nr_slots;
-	size_t max_pages;		/* a slot's shadow capacity (mremap grows) */
+	size_t max_pages;		/* a slot's shadow capacity */
 
 	pthread_rwlock_t ctr_lock;	/* see the top of this file */
 	uint64_t *ctr;			/* T_COUNTER_PAGES pages of libhmm memory */

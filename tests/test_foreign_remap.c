@@ -1,0 +1,566 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * mremap() and madvise() of libhmm memory behind the library's back (include/
+ * hmm.h, hmm_munmap): the core learns of a move from a uffd REMAP event, which
+ * the fault thread handles just after the mremap returns, so every check here
+ * runs at once after the call: a CPU access (thread mode: a fault message;
+ * signal mode: a SIGBUS), a device fault or a library call that reaches the
+ * new address before the core caught up must wait for it, not fail.
+ *
+ * Data is a function of each word's offset in its mapping and a salt, so it
+ * reads the same wherever the mapping moves. Pages are put on the host, on a
+ * simdev and left never touched before each move; afterwards the CPU and a
+ * simdev kernel read the new address, the old one is gone for both (the
+ * device gets -EFAULT, never stale data; simdev's violation counter stays 0),
+ * and device pages were not copied home to move. Both fault modes.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "simdev_check.h"
+#include "hmm.h"
+#include "hmm/simdev.h"
+
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+
+#define PAGE 4096ul
+#define MiB (1ul << 20)
+
+static struct hmm *hmm;
+static struct simdev *sd;
+static enum hmm_fault_mode mode;
+
+static uint64_t word(size_t off, uint64_t salt)
+{
+	return (off + 1) * 0x9e3779b97f4a7c15ull ^ salt;
+}
+
+static void fill(char *p, size_t len, uint64_t salt)
+{
+	for (size_t o = 0; o < len; o += 8)
+		*(uint64_t *)(p + o) = word(o, salt);
+}
+
+/* Every word of [p + from, p + to) on the CPU: word(offset in the mapping) or 0. */
+static void cpu_check(const char *p, size_t from, size_t to, uint64_t salt, bool zero)
+{
+	for (size_t o = from; o < to; o += 8)
+		CHECK_EQ_U64(*(const uint64_t *)(p + o), zero ? 0 : word(o, salt));
+}
+
+/* A range of VA nobody uses, for MREMAP_FIXED (replacing the reservation raises no event). */
+static char *reserve(size_t len)
+{
+	char *r = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+	CHECK(r != MAP_FAILED);
+	return r;
+}
+
+static char *move_to(char *p, size_t len, size_t new_len, char *to, int extra)
+{
+	char *q = mremap(p, len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED | extra, to);
+
+	CHECK(q == to);
+	return q;
+}
+
+static void on_device(char *p, size_t len)
+{
+	CHECK_EQ(hmm_migrate(hmm, p, len, simdev_device(sd), 0, NULL), 0);
+}
+
+/* After each case: simdev saw no access its mirror state did not allow. */
+static void no_violations(void)
+{
+	struct simdev_stats st;
+
+	CHECK_EQ(simdev_stats_read(sd, &st), 0);
+	CHECK_EQ(st.violations, 0);
+}
+
+static struct hmm_stats stats(void)
+{
+	struct hmm_stats st;
+
+	CHECK_EQ(hmm_stats_read(hmm, &st), 0);
+	return st;
+}
+
+/* ---- A simdev kernel reading words ---------------------------------------- */
+
+struct job {
+	_Atomic(char *) p;		/* the mapping's address now */
+	size_t from, to;		/* offsets read */
+	size_t shift;			/* offset 0 holds word(shift) */
+	uint64_t salt;
+	bool zero;			/* expect zeros */
+	atomic_int bad;
+};
+
+static void read_kernel(struct simdev_thread *t, unsigned int index, unsigned int n, void *arg)
+{
+	struct job *job = arg;
+	char *p = atomic_load(&job->p);
+
+	for (size_t o = job->from + index * PAGE; o < job->to && !simdev_failed(t); o += n * PAGE) {
+		size_t last = o + PAGE - 8;
+		uint64_t v = simdev_load64(t, (uintptr_t)p + o);
+		uint64_t w = simdev_load64(t, (uintptr_t)p + last);
+
+		if (simdev_failed(t))
+			break;
+		if (v != (job->zero ? 0 : word(o + job->shift, job->salt)) ||
+		    w != (job->zero ? 0 : word(last + job->shift, job->salt)))
+			atomic_fetch_add(&job->bad, 1);
+	}
+}
+
+/* A kernel reads [p + from, p + to): returns its result; wrong data fails the test. */
+static int device_check(char *p, size_t from, size_t to, uint64_t salt, bool zero)
+{
+	struct job job = { .p = p, .from = from, .to = to, .salt = salt, .zero = zero };
+	int ret = simdev_run(sd, read_kernel, &job);
+
+	CHECK_EQ(atomic_load(&job.bad), 0);
+	return ret;
+}
+
+/* ---- Whether an access succeeds ------------------------------------------- */
+
+static sigjmp_buf probe_env;
+static volatile sig_atomic_t probing;
+
+static void probe_handler(int sig)
+{
+	if (!probing) {
+		signal(sig, SIG_DFL);
+		raise(sig);
+		return;
+	}
+	siglongjmp(probe_env, sig);
+}
+
+/* 0 if the CPU can read @p, else the signal the read got. */
+static int cpu_probe(const char *p)
+{
+	int sig = sigsetjmp(probe_env, 1);
+
+	if (!sig) {
+		probing = 1;
+		(void)*(volatile const char *)p;
+	}
+	probing = 0;
+	return sig;
+}
+
+/* Waits (bounded) for the core to have handled an event: the mapped bytes it expects. */
+static void await_mapped(uint64_t bytes)
+{
+	for (int i = 0; i < 5000 && stats().mapped_bytes != bytes; i++)
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	CHECK_EQ(stats().mapped_bytes, bytes);
+}
+
+/* ---- Cases ----------------------------------------------------------------- */
+
+/*
+ * @len bytes: the first quarter written on the CPU and left there, the next
+ * half written on the CPU and moved to the device, the last quarter never
+ * touched.
+ */
+static char *mixed(size_t len, uint64_t salt)
+{
+	char *p;
+
+	CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, (void **)&p), 0);
+	fill(p, len * 3 / 4, salt);
+	on_device(p + len / 4, len / 2);
+	return p;
+}
+
+static void move_keeps_data_everywhere(void)
+{
+	size_t len = 8 * MiB;
+	uint64_t salt = 0x1111;
+	char *r = reserve(len), *p = mixed(len, salt), *q;
+	struct hmm_stats before = stats();
+	size_t dev_before = hmm_device_mem_used(simdev_device(sd));
+
+	q = move_to(p, len, len, r, 0);
+	/* At once: the device first, then the CPU, before any wait. */
+	CHECK_EQ(device_check(q, len / 4, len * 3 / 4, salt, false), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), dev_before);
+	CHECK_EQ(stats().pages_to_host, before.pages_to_host);	/* moved, not copied */
+	cpu_check(q, 0, len * 3 / 4, salt, false);
+	cpu_check(q, len * 3 / 4, len, salt, true);
+	CHECK_EQ(stats().mapped_bytes, before.mapped_bytes);
+	/* Nothing is left at the old address, for the device or the library. */
+	CHECK_EQ(device_check(p, 0, PAGE, salt, false), -EFAULT);
+	CHECK_EQ(hmm_munmap(hmm, p, PAGE), -EINVAL);
+	CHECK_EQ(cpu_probe(p), SIGSEGV);
+	/* Everything works at the new one: a move back, protection, unmap. */
+	CHECK_EQ(hmm_migrate(hmm, q, len, NULL, 0, NULL), 0);
+	cpu_check(q, 0, len * 3 / 4, salt, false);
+	CHECK_EQ(hmm_munmap(hmm, q, len), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+	CHECK_EQ(stats().mapped_bytes, before.mapped_bytes - len);
+}
+
+/* The middle of a region moves; both sides stay where they were. */
+static void move_part_of_region(void)
+{
+	size_t len = 8 * MiB;
+	uint64_t salt = 0x2222;
+	char *r = reserve(2 * MiB), *p = mixed(len, salt), *q;
+
+	/* [3, 5) MiB: half host-written-then-device, half device. */
+	struct job job = { .from = 0, .to = 2 * MiB, .shift = 3 * MiB, .salt = salt };
+
+	q = move_to(p + 3 * MiB, 2 * MiB, 2 * MiB, r, 0);
+	/* Offsets in the moved piece are 3 MiB less than in the mapping it came from. */
+	atomic_store(&job.p, q);
+	CHECK_EQ(simdev_run(sd, read_kernel, &job), 0);
+	CHECK_EQ(atomic_load(&job.bad), 0);
+	for (size_t o = 0; o < 2 * MiB; o += 8)
+		CHECK_EQ_U64(*(uint64_t *)(q + o), word(o + 3 * MiB, salt));
+	CHECK_EQ(device_check(p, 0, 3 * MiB, salt, false), 0);
+	cpu_check(p, 0, 3 * MiB, salt, false);
+	cpu_check(p, 5 * MiB, 6 * MiB, salt, false);
+	cpu_check(p, 6 * MiB, len, salt, true);
+	CHECK_EQ(device_check(p, 3 * MiB, 3 * MiB + PAGE, salt, false), -EFAULT);
+	CHECK_EQ(hmm_munmap(hmm, p, 3 * MiB), 0);
+	CHECK_EQ(hmm_munmap(hmm, p + 5 * MiB, 3 * MiB), 0);
+	CHECK_EQ(hmm_munmap(hmm, q, 2 * MiB), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+}
+
+/* Shrinking in place unmaps the tail; shrinking with a move, the same, then moves. */
+static void shrink_unmaps_tail(void)
+{
+	size_t len = 8 * MiB;
+	uint64_t salt = 0x3333, mapped = stats().mapped_bytes;
+	char *r = reserve(2 * MiB), *p = mixed(len, salt), *q;
+
+	q = mremap(p, len, 6 * MiB, 0);
+	CHECK(q == p);
+	await_mapped(mapped + 6 * MiB);
+	cpu_check(p, 0, 6 * MiB, salt, false);
+	CHECK_EQ(device_check(p, 2 * MiB, 6 * MiB, salt, false), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 4 * MiB);	/* the device pages kept */
+
+	q = move_to(p, 6 * MiB, 2 * MiB, r, 0);
+	await_mapped(mapped + 2 * MiB);
+	cpu_check(q, 0, 2 * MiB, salt, false);
+	CHECK_EQ(device_check(q, 0, 2 * MiB, salt, false), 0);
+	CHECK_EQ(hmm_munmap(hmm, q, 2 * MiB), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+	CHECK_EQ(stats().mapped_bytes, mapped);
+}
+
+/*
+ * Growing: the head keeps its data wherever it goes; the tail is not libhmm
+ * memory (as for any shared file mapping, the file does not grow): SIGBUS.
+ */
+static void grow_tail_is_not_libhmm_memory(void)
+{
+	size_t len = 4 * MiB;
+	uint64_t salt = 0x4444, mapped = stats().mapped_bytes;
+	char *r = reserve(16 * MiB), *p = mixed(len, salt), *q;
+
+	/* In place, after a shrink: the tail's file pages were freed with it. */
+	CHECK(mremap(p, len, 2 * MiB, 0) == p);
+	await_mapped(mapped + 2 * MiB);
+	q = mremap(p, 2 * MiB, 3 * MiB, 0);
+	if (q != MAP_FAILED) {
+		CHECK(q == p);
+		cpu_check(p, 0, 2 * MiB, salt, false);
+		CHECK_EQ(cpu_probe(p + 2 * MiB), SIGBUS);
+		CHECK_EQ(cpu_probe(p + 3 * MiB - PAGE), SIGBUS);
+		CHECK_EQ(stats().mapped_bytes, mapped + 2 * MiB);
+		len = 3 * MiB;
+	} else {
+		len = 2 * MiB;	/* something was mapped right after it */
+	}
+	/* With a move, beyond the file's end. */
+	q = move_to(p, len, 8 * MiB, r, 0);
+	CHECK_EQ(device_check(q, 0, 2 * MiB, salt, false), 0);
+	cpu_check(q, 0, 2 * MiB, salt, false);
+	CHECK_EQ(cpu_probe(q + 2 * MiB), SIGBUS);
+	CHECK_EQ(cpu_probe(q + 6 * MiB), SIGBUS);
+	CHECK_EQ(device_check(q, 2 * MiB, 2 * MiB + PAGE, salt, false), -EFAULT);
+	CHECK_EQ(stats().mapped_bytes, mapped + 2 * MiB);
+	CHECK_EQ(hmm_munmap(hmm, q, 8 * MiB), -EINVAL);		/* the tail is not ours */
+	CHECK_EQ(munmap(q, 8 * MiB), 0);			/* a plain munmap is fine */
+	await_mapped(mapped);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+}
+
+/* MREMAP_DONTUNMAP: the data moves; the old range stays mapped but is not libhmm memory. */
+static void dontunmap_leaves_nothing_behind(void)
+{
+	size_t len = 4 * MiB;
+	uint64_t salt = 0x5555, mapped = stats().mapped_bytes;
+	char *r = reserve(len), *p = mixed(len, salt), *q;
+
+	q = move_to(p, len, len, r, MREMAP_DONTUNMAP);
+	cpu_check(q, 0, len * 3 / 4, salt, false);
+	CHECK_EQ(device_check(q, 0, len * 3 / 4, salt, false), 0);
+	CHECK_EQ(cpu_probe(p), SIGBUS);
+	CHECK_EQ(cpu_probe(p + 2 * MiB), SIGBUS);
+	CHECK_EQ(device_check(p, 0, PAGE, salt, false), -EFAULT);
+	CHECK_EQ(hmm_munmap(hmm, p, len), -EINVAL);
+	CHECK_EQ(stats().mapped_bytes, mapped + len);
+	CHECK_EQ(munmap(p, len), 0);
+	CHECK_EQ(hmm_munmap(hmm, q, len), 0);
+	await_mapped(mapped);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+}
+
+/*
+ * MADV_DONTNEED on a shared mapping only drops CPU mappings: every page keeps
+ * its data, wherever it is. MADV_REMOVE frees the host pages (memfd punched):
+ * host-resident pages read zeros; device-resident pages keep their data
+ * (include/hmm.h).
+ */
+static void foreign_madvise(void)
+{
+	size_t len = 4 * MiB;
+	uint64_t salt = 0x6666;
+	char *p = mixed(len, salt);
+
+	CHECK_EQ(madvise(p, len, MADV_DONTNEED), 0);
+	cpu_check(p, 0, len * 3 / 4, salt, false);
+	cpu_check(p, len * 3 / 4, len, salt, true);
+	on_device(p + MiB, 2 * MiB);
+	CHECK_EQ(madvise(p, len, MADV_DONTNEED), 0);
+	CHECK_EQ(device_check(p, 0, len * 3 / 4, salt, false), 0);
+	cpu_check(p, 0, len * 3 / 4, salt, false);
+
+	/* [0, 1) MiB host, [1, 2) device; REMOVE both. */
+	CHECK_EQ(hmm_migrate(hmm, p, MiB, NULL, 0, NULL), 0);
+	on_device(p + MiB, MiB);
+	CHECK_EQ(madvise(p, 2 * MiB, MADV_REMOVE), 0);
+	cpu_check(p, 0, MiB, salt, true);
+	cpu_check(p, MiB, 2 * MiB, salt, false);
+	CHECK_EQ(device_check(p, 0, MiB, salt, true), 0);
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+}
+
+/* ---- Concurrent: a kernel reading while the range moves back and forth ------ */
+
+struct reader {
+	struct job job;
+	atomic_bool stop;
+	atomic_long runs, faults;
+};
+
+static void *reader_thread(void *arg)
+{
+	struct reader *rd = arg;
+
+	while (!atomic_load(&rd->stop)) {
+		int ret = simdev_run(sd, read_kernel, &rd->job);
+
+		/* -EFAULT: it read the old address after a move; never wrong data. */
+		CHECK(ret == 0 || ret == -EFAULT);
+		atomic_fetch_add(ret ? &rd->faults : &rd->runs, 1);
+	}
+	return NULL;
+}
+
+static void move_under_reading_kernel(void)
+{
+	size_t len = 2 * MiB;
+	uint64_t salt = 0x7777;
+	char *spot[2] = { reserve(len), reserve(len) }, *p = mixed(len, salt);
+	struct reader rd = { .job = { .p = p, .from = 0, .to = len * 3 / 4, .salt = salt } };
+	pthread_t tid;
+
+	CHECK_EQ(pthread_create(&tid, NULL, reader_thread, &rd), 0);
+	/* 100 moves, and on until a few kernels have read the range whole (bounded). */
+	for (int i = 0; i < 100 || (atomic_load(&rd.runs) < 5 && i < 20000); i++) {
+		char *q = move_to(p, len, len, spot[i & 1], 0);
+
+		atomic_store(&rd.job.p, q);
+		/* The old spot is free again: reserve it for the move back. */
+		CHECK(mmap(p, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == p);
+		spot[i & 1] = p;
+		p = q;
+		if (i % 10 == 0)
+			cpu_check(p, 0, len * 3 / 4, salt, false);
+		if (i % 7 == 0)
+			on_device(p, len / 2);
+		if (i >= 100)
+			usleep(1000);	/* a loaded machine: give the kernels time */
+	}
+	atomic_store(&rd.stop, true);
+	CHECK_EQ(pthread_join(tid, NULL), 0);
+	CHECK_EQ(atomic_load(&rd.job.bad), 0);
+	CHECK(atomic_load(&rd.runs) > 0);
+	fprintf(stderr, "    %ld kernels read it whole, %ld met a move\n", atomic_load(&rd.runs),
+		atomic_load(&rd.faults));
+	cpu_check(p, 0, len * 3 / 4, salt, false);
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	munmap(spot[0], len);
+	munmap(spot[1], len);
+}
+
+/* ---- Stress: migrations against foreign munmap, mremap and madvise ----------- */
+
+#define STRESS_SLOTS 4
+
+struct stress {
+	pthread_rwlock_t lock[STRESS_SLOTS];	/* write: the slot's mapping changes */
+	char *slot[STRESS_SLOTS];
+	uint64_t salt[STRESS_SLOTS];
+	atomic_bool stop;
+	atomic_long migrations;
+};
+
+static struct stress S;
+#define SLOT_LEN (1 * MiB)
+
+static void *stress_migrator(void *arg)
+{
+	uint64_t rng = (uintptr_t)arg;
+
+	while (!atomic_load(&S.stop)) {
+		unsigned int i = test_rand(&rng) % STRESS_SLOTS;
+		size_t first = test_rand(&rng) % (SLOT_LEN / PAGE), n = 1 + test_rand(&rng) % 64;
+		struct hmm_device *to = test_rand(&rng) % 2 ? simdev_device(sd) : NULL;
+		struct hmm_fence *f = NULL;
+		int ret;
+
+		if (first + n > SLOT_LEN / PAGE)
+			n = SLOT_LEN / PAGE - first;
+		/* Half the moves asynchronous, waited for after the slot is let go. */
+		pthread_rwlock_rdlock(&S.lock[i]);
+		ret = hmm_migrate(hmm, S.slot[i] + first * PAGE, n * PAGE, to, 0,
+				  test_rand(&rng) % 2 ? &f : NULL);
+		pthread_rwlock_unlock(&S.lock[i]);
+		if (f) {
+			ret = hmm_fence_wait(f);
+			hmm_fence_put(f);
+			CHECK(ret == 0 || ret == -EFAULT || ret == -ENOMEM);
+		} else {
+			CHECK(ret == 0 || ret == -ENOMEM);
+		}
+		atomic_fetch_add(&S.migrations, 1);
+	}
+	return NULL;
+}
+
+static void stress_new_slot(unsigned int i, uint64_t salt)
+{
+	CHECK_EQ(hmm_mmap(hmm, SLOT_LEN, PROT_READ | PROT_WRITE, 0, (void **)&S.slot[i]), 0);
+	fill(S.slot[i], SLOT_LEN, salt);
+	S.salt[i] = salt;
+}
+
+static void stress_migrations_vs_foreign_calls(void)
+{
+	uint64_t rng = test_seed(0x5eed), mapped = stats().mapped_bytes;
+	pthread_t tid[2];
+	long ops = 0;
+	struct timespec t0, t;
+
+	for (unsigned int i = 0; i < STRESS_SLOTS; i++) {
+		pthread_rwlock_init(&S.lock[i], NULL);
+		stress_new_slot(i, test_rand(&rng));
+	}
+	atomic_store(&S.stop, false);
+	for (int k = 0; k < 2; k++)
+		CHECK_EQ(pthread_create(&tid[k], NULL, stress_migrator, (void *)(uintptr_t)(k + 7)), 0);
+	alarm(120);	/* a deadlock fails the test rather than hanging it */
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	do {
+		unsigned int i = test_rand(&rng) % STRESS_SLOTS;
+		char *p, *q;
+
+		pthread_rwlock_wrlock(&S.lock[i]);
+		p = S.slot[i];
+		switch (test_rand(&rng) % 4) {
+		case 0:	/* foreign munmap, then a fresh slot */
+			CHECK_EQ(munmap(p, SLOT_LEN), 0);
+			stress_new_slot(i, test_rand(&rng));
+			break;
+		case 1:	/* foreign mremap to wherever the kernel likes */
+			q = mremap(p, SLOT_LEN, SLOT_LEN, MREMAP_MAYMOVE | MREMAP_FIXED,
+				   reserve(SLOT_LEN));
+			CHECK(q != MAP_FAILED);
+			S.slot[i] = q;
+			break;
+		case 2:	/* DONTNEED: nothing changes */
+			CHECK_EQ(madvise(p, SLOT_LEN, MADV_DONTNEED), 0);
+			break;
+		default: /* the whole slot checked on the CPU */
+			cpu_check(p, 0, SLOT_LEN, S.salt[i], false);
+			break;
+		}
+		pthread_rwlock_unlock(&S.lock[i]);
+		ops++;
+		clock_gettime(CLOCK_MONOTONIC, &t);
+	} while (t.tv_sec - t0.tv_sec < 3);
+	atomic_store(&S.stop, true);
+	for (int k = 0; k < 2; k++)
+		CHECK_EQ(pthread_join(tid[k], NULL), 0);
+	alarm(0);
+	fprintf(stderr, "    %ld foreign calls, %ld migrations\n", ops, atomic_load(&S.migrations));
+	for (unsigned int i = 0; i < STRESS_SLOTS; i++) {
+		CHECK_EQ(device_check(S.slot[i], 0, SLOT_LEN, S.salt[i], false), 0);
+		cpu_check(S.slot[i], 0, SLOT_LEN, S.salt[i], false);
+		CHECK_EQ(hmm_munmap(hmm, S.slot[i], SLOT_LEN), 0);
+	}
+	CHECK_EQ(stats().mapped_bytes, mapped);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 0);
+}
+
+int main(void)
+{
+	static const enum hmm_fault_mode modes[] = { HMM_FAULT_THREAD, HMM_FAULT_SIGNAL };
+	struct sigaction sa = { .sa_handler = probe_handler, .sa_flags = SA_NODEFER };
+
+	/* Installed first: signal mode passes a SIGBUS that is not its own on to it. */
+	sigemptyset(&sa.sa_mask);
+	CHECK_EQ(sigaction(SIGBUS, &sa, NULL), 0);
+	CHECK_EQ(sigaction(SIGSEGV, &sa, NULL), 0);
+	for (int m = 0; m < 2; m++) {
+		struct hmm_options o = { .sz = sizeof(o), .fault_mode = modes[m] };
+		struct simdev_options so = { .sz = sizeof(so), .mem_bytes = 32 * MiB };
+
+		mode = modes[m];
+		fprintf(stderr, "%s mode\n", m ? "signal" : "thread");
+		CHECK_EQ(hmm_init(&o, &hmm), 0);
+		CHECK_EQ(simdev_create(hmm, &so, &sd), 0);
+		RUN(move_keeps_data_everywhere);
+		no_violations();
+		RUN(move_part_of_region);
+		no_violations();
+		RUN(shrink_unmaps_tail);
+		no_violations();
+		RUN(grow_tail_is_not_libhmm_memory);
+		no_violations();
+		RUN(dontunmap_leaves_nothing_behind);
+		no_violations();
+		RUN(foreign_madvise);
+		no_violations();
+		RUN(move_under_reading_kernel);
+		no_violations();
+		RUN(stress_migrations_vs_foreign_calls);
+		no_violations();
+		simdev_destroy_checked(sd);
+		CHECK_EQ(hmm_fini(hmm), 0);
+	}
+	return 0;
+}
