@@ -354,6 +354,17 @@ static void foreign_madvise(void)
 	cpu_check(p, 0, MiB, salt, true);
 	cpu_check(p, MiB, 2 * MiB, salt, false);
 	CHECK_EQ(device_check(p, 0, MiB, salt, true), 0);
+	/* Written again after the REMOVE: kept through moves both ways. */
+	for (int round = 0; round < 4; round++) {
+		fill(p, 2 * MiB, salt + round);
+		if (round & 1)
+			on_device(p, 2 * MiB);
+		else
+			on_device(p + MiB, MiB);
+		cpu_check(p, 0, 2 * MiB, salt + round, false);
+		CHECK_EQ(madvise(p, 2 * MiB, MADV_REMOVE), 0);
+		on_device(p, MiB / 2);
+	}
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
 }
 
