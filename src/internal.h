@@ -45,6 +45,9 @@
  *      hmm.mig_lock     the asynchronous migration queue (leaf).
  *   5. hmm_devmem.lock  a device's memory allocator (leaf; devmem.h).
  *   6. page-table directory locks (pt.h), taken inside hmm_pt_update().
+ * Waiting for the fault thread to handle uffd events (hmm_events_settle(),
+ * hmm_mmap() waiting for a stale region to go) is done holding nothing of
+ * the above and outside read sections, and never by the fault thread.
  * Fault paths take no lock of their own: they find regions in an RCU read
  * section (rcu.h), leave it, and own the pages they work on by making them
  * busy; device callbacks are called with busy pages held and no lock.

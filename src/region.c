@@ -557,6 +557,57 @@ static int move_entries(struct hmm *hmm, const struct moved_piece *mp)
 	return 0;
 }
 
+#define PM_PRESENT (1ull << 63)		/* /proc/self/pagemap: a PTE is there */
+
+static hmm_pte_t unmapped_device_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	const uint64_t *present = arg;	/* indexed from the start of its window */
+
+	(void)addr;
+	if (hmm_pte_state(old) != HMM_PTE_DEVICE || !(present[0] & PM_PRESENT))
+		return old;
+	return hmm_pte_make(HMM_PTE_HOST, 0, 0, old & HMM_PTE_FLAGS_MASK);
+}
+
+/*
+ * DEVICE pages that the CPU view maps at their new address: a migration
+ * checked its span before the kernel moved the mapping and zapped the old
+ * address after (migrate.c catches that when the old address is unmapped by
+ * then, not when something is mapped there again, nor for MREMAP_DONTUNMAP,
+ * whose old range stays). The CPU may have written the host frame through
+ * that PTE since the copy, and nothing else could reach the page meanwhile
+ * (devices fault on the new address only once it is published), so the host
+ * frame is the page: DEVICE(d) -> HOST, d's frame freed. Pages busy, at @mp's
+ * new address.
+ */
+static void keep_cpu_mapped(struct hmm *hmm, const struct moved_piece *mp, int pagemap)
+{
+	uint64_t present[HMM_BATCH_PAGES];
+	uintptr_t to_end = mp->to + (mp->end - mp->start);
+
+	for (uintptr_t a = mp->to; a < to_end; a += HMM_BATCH_PAGES * HMM_PAGE_SIZE) {
+		size_t n = (to_end - a) >> HMM_PAGE_SHIFT;
+
+		if (n > HMM_BATCH_PAGES)
+			n = HMM_BATCH_PAGES;
+		if (pread(pagemap, present, n * sizeof(present[0]),
+			  (off_t)((a >> HMM_PAGE_SHIFT) * sizeof(present[0]))) !=
+		    (ssize_t)(n * sizeof(present[0])))
+			continue;
+		for (size_t i = 0; i < n; i++) {
+			uintptr_t page = a + (i << HMM_PAGE_SHIFT);
+			hmm_pte_t e = hmm_pt_lookup(&hmm->pt, page);
+			uint64_t frame = hmm_pte_frame(e);
+
+			if (hmm_pte_state(e) != HMM_PTE_DEVICE || !(present[i] & PM_PRESENT))
+				continue;
+			hmm_devmem_free(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem, &frame, 1);
+			hmm_pt_update(&hmm->pt, page, page + HMM_PAGE_SIZE, HMM_PT_PRESENT_ONLY,
+				      unmapped_device_fn, &present[i]);
+		}
+	}
+}
+
 /*
  * The table @t with the regions of @mp added at their new places (sorted).
  * Return: NULL on -ENOMEM.
@@ -586,6 +637,7 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 	struct hmm_region_table *old, *cut = NULL, *t = NULL;
 	struct moved_piece mp[MAX_MOVED];
 	size_t nr = 0;
+	int pagemap;
 	bool ok = true;
 
 	if (!len || (from | to | len) & ~HMM_PAGE_MASK || !hmm_range_valid(from, end) ||
@@ -642,6 +694,7 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 		return;
 	}
 
+	pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	/*
 	 * 1. Nobody finds the old range any more. This grace period is waited
 	 *    for holding no busy page: a signal-mode fault that found the old
@@ -667,7 +720,11 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 		/* 4. The entries, still busy, at the new addresses. */
 		while (move_entries(hmm, &mp[i]))
 			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+		if (pagemap >= 0)
+			keep_cpu_mapped(hmm, &mp[i], pagemap);
 	}
+	if (pagemap >= 0)
+		close(pagemap);
 	/* 5. The new range is found (its pages busy until step 6); the old entries go. */
 	table_publish(hmm, t);
 	for (size_t i = 0; i < nr; i++) {

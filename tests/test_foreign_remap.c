@@ -354,6 +354,17 @@ static void foreign_madvise(void)
 	cpu_check(p, 0, MiB, salt, true);
 	cpu_check(p, MiB, 2 * MiB, salt, false);
 	CHECK_EQ(device_check(p, 0, MiB, salt, true), 0);
+	/* Written again after the REMOVE: kept through moves both ways. */
+	for (int round = 0; round < 4; round++) {
+		fill(p, 2 * MiB, salt + round);
+		if (round & 1)
+			on_device(p, 2 * MiB);
+		else
+			on_device(p + MiB, MiB);
+		cpu_check(p, 0, 2 * MiB, salt + round, false);
+		CHECK_EQ(madvise(p, 2 * MiB, MADV_REMOVE), 0);
+		on_device(p, MiB / 2);
+	}
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
 }
 
@@ -393,9 +404,15 @@ static void move_under_reading_kernel(void)
 		char *q = move_to(p, len, len, spot[i & 1], 0);
 
 		atomic_store(&rd.job.p, q);
-		/* The old spot is free again: reserve it for the move back. */
-		CHECK(mmap(p, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == p);
-		spot[i & 1] = p;
+		/*
+		 * The old spot is free again: reserve it for the move back,
+		 * unless another thread's mmap took it meanwhile (never
+		 * MAP_FIXED over what is not ours).
+		 */
+		spot[i & 1] = mmap(p, len, PROT_NONE,
+				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+		if (spot[i & 1] == MAP_FAILED)
+			spot[i & 1] = reserve(len);
 		p = q;
 		if (i % 10 == 0)
 			cpu_check(p, 0, len * 3 / 4, salt, false);
