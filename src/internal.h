@@ -405,6 +405,21 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
  * released (nothing moved); -EBUSY a page is LOCKED on a device other than
  * @to (it stays; the others move). EXCLUSIVE pages move only to a device.
  */
+/* What to do to one batch of busy pages. Return: 0, -EAGAIN to redo it, or -errno. */
+typedef int (*hmm_batch_fn)(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
+			    void *arg);
+
+/*
+ * hmm_for_each_batch - calls @fn on every batch of [@start, @end): a 2 MiB
+ * window, or its part in one region, with its pages busy and the region
+ * checked still valid; every window when @parity is 2, otherwise those whose
+ * index has that parity. -EAGAIN from @fn (or a region changed) redoes the
+ * batch; -ENOMEM evicts from @room, if given, and redoes it.
+ * Return: 0; the first other -errno.
+ */
+int hmm_for_each_batch(struct hmm *hmm, uintptr_t start, uintptr_t end, unsigned int parity,
+		       hmm_batch_fn fn, void *arg, struct hmm_mirror_core *room);
+
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
 		   struct hmm_mirror_core *to, struct hmm_mirror_core *from,
 		   const struct hmm_device *owner);

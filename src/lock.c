@@ -173,52 +173,6 @@ static int unlock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_bu
 
 /* ---- Walking ranges a batch at a time ------------------------------------------ */
 
-/* What to do to one batch of busy pages. Return: 0, -EAGAIN to redo it, or -errno. */
-typedef int (*batch_fn)(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
-			void *arg);
-
-/*
- * Calls @fn on every batch of [start, end), a 2 MiB window or its part in one
- * region, with its pages busy. On -ENOMEM evicts from @room (if given) and
- * retries. Return: 0; the first -errno.
- */
-static int for_each_batch(struct hmm *hmm, uintptr_t start, uintptr_t end, batch_fn fn, void *arg,
-			  struct hmm_mirror_core *room)
-{
-	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
-	unsigned int tries = 0;
-	uintptr_t a = start;
-
-	while (a < end) {
-		uintptr_t window_end = (a & ~(batch - 1)) + batch;
-		struct hmm_span s;
-		struct hmm_busy b;
-		int ret;
-
-		if (window_end > end)
-			window_end = end;
-		ret = hmm_span_get(hmm, a, window_end, &s);
-		if (ret)
-			return ret;
-		b.start = a;
-		b.end = s.end;
-		ret = hmm_busy_lock(hmm, &b);
-		if (ret) {
-			hmm_span_put(&s);
-			return ret;
-		}
-		ret = hmm_span_valid(hmm, &s) ? fn(hmm, &s, &b, arg) : -EAGAIN;
-		hmm_busy_unlock(hmm, &b);
-		hmm_span_put(&s);
-		if (ret == -EAGAIN || (ret == -ENOMEM && room && hmm_make_room(hmm, room, &tries)))
-			continue;
-		if (ret)
-			return ret;
-		a = b.end;
-	}
-	return 0;
-}
-
 static int lock_batch(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b, void *arg)
 {
 	return lock_pages(hmm, s, b, arg);
@@ -254,7 +208,7 @@ int hmm_device_lock(struct hmm *hmm, void *addr, size_t length, struct hmm_devic
 	else
 		ret = hmm_range_check(hmm, start, end, 0);
 	if (!ret)
-		ret = for_each_batch(hmm, start, end, lock_batch, mc, mc);
+		ret = hmm_for_each_batch(hmm, start, end, 2, lock_batch, mc, mc);
 	hmm_mirror_put(mc);
 	hmm_reclaim_due(hmm, false);
 	return ret;
@@ -269,7 +223,7 @@ int hmm_device_unlock(struct hmm *hmm, void *addr, size_t length)
 		return -EINVAL;
 	ret = hmm_range_check(hmm, start, end, 0);
 	if (!ret)
-		ret = for_each_batch(hmm, start, end, unlock_batch, NULL, NULL);
+		ret = hmm_for_each_batch(hmm, start, end, 2, unlock_batch, NULL, NULL);
 	hmm_reclaim_due(hmm, false);
 	return ret;
 }
@@ -352,7 +306,7 @@ int hmm_mirror_unpin(struct hmm *hmm, struct hmm_mirror_core *mc)
 
 			if (!pinned_in(hmm, a, w, mc->id))
 				continue;
-			err = for_each_batch(hmm, a, w, unpin_batch, &mc->id, NULL);
+			err = hmm_for_each_batch(hmm, a, w, 2, unpin_batch, &mc->id, NULL);
 			if (err && err != -EFAULT && !ret)
 				ret = err;	/* -EFAULT: unmapped meanwhile, pins gone with it */
 		}

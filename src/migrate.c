@@ -570,13 +570,8 @@ size_t hmm_evict(struct hmm *hmm, struct hmm_mirror_core *mc, bool wait)
 
 /* ---- hmm_migrate() ------------------------------------------------------------ */
 
-/*
- * Moves the 2 MiB-aligned windows of [start, end) to @to, a batch (a window,
- * or its part in one region) at a time: every window when @parity is 2,
- * otherwise every other one, those whose index has that parity.
- */
-static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
-			   struct hmm_mirror_core *to, unsigned int parity)
+int hmm_for_each_batch(struct hmm *hmm, uintptr_t start, uintptr_t end, unsigned int parity,
+		       hmm_batch_fn fn, void *arg, struct hmm_mirror_core *room)
 {
 	const uintptr_t batch = (uintptr_t)HMM_BATCH_PAGES << HMM_PAGE_SHIFT;
 	unsigned int tries = 0;
@@ -604,21 +599,31 @@ static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			hmm_span_put(&s);
 			return ret;
 		}
-		if (hmm_span_valid(hmm, &s))
-			ret = hmm_move_pages(hmm, &s, &b, to, NULL, NULL);
-		else
-			ret = -EAGAIN;	/* the region changed under us: look again */
+		/* A region that changed under us (-EAGAIN): look again. */
+		ret = hmm_span_valid(hmm, &s) ? fn(hmm, &s, &b, arg) : -EAGAIN;
 		hmm_busy_unlock(hmm, &b);
 		hmm_span_put(&s);
 		if (ret == -EAGAIN)
 			sched_yield();	/* a foreign mremap(): let the fault thread catch up */
-		if (ret == -EAGAIN || (ret == -ENOMEM && hmm_make_room(hmm, to, &tries)))
+		if (ret == -EAGAIN || (ret == -ENOMEM && room && hmm_make_room(hmm, room, &tries)))
 			continue;
 		if (ret)
 			return ret;
 		a = b.end;
 	}
 	return 0;
+}
+
+static int move_batch(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b, void *to)
+{
+	return hmm_move_pages(hmm, s, b, to, NULL, NULL);
+}
+
+/* Moves [start, end) to @to, the windows of @parity (hmm_for_each_batch()). */
+static int migrate_windows(struct hmm *hmm, uintptr_t start, uintptr_t end,
+			   struct hmm_mirror_core *to, unsigned int parity)
+{
+	return hmm_for_each_batch(hmm, start, end, parity, move_batch, to, to);
 }
 
 /*
