@@ -235,7 +235,6 @@ int simdev_cmd_snapshot(struct simdev *sd, uintptr_t addr, size_t npages, unsign
 	return err;
 }
 
-#if defined(HMM_FAULT_EXCLUSIVE) && defined(HMM_DPTE_EXCLUSIVE)
 /* Takes the range exclusive (one fault), then reads it back without faulting. */
 struct exclusive_cmd {
 	struct cmd read;
@@ -292,24 +291,6 @@ int simdev_cmd_check_exclusive(struct simdev *sd, uintptr_t addr, size_t npages)
 	}
 	return 0;
 }
-#else
-int simdev_cmd_exclusive(struct simdev *sd, uintptr_t addr, size_t npages, void *buf,
-			 struct simdev_cmd_result *res)
-{
-	result_set(res, 0, 0);
-	if (!sd || !cmd_range_ok(addr, npages))
-		return -EINVAL;
-	(void)buf;
-	return -EOPNOTSUPP;
-}
-
-int simdev_cmd_check_exclusive(struct simdev *sd, uintptr_t addr, size_t npages)
-{
-	if (!sd || !cmd_range_ok(addr, npages))
-		return -EINVAL;
-	return -EOPNOTSUPP;
-}
-#endif
 
 int simdev_cmd_release(struct simdev *sd, struct simdev_cmd_result *res)
 {

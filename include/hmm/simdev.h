@@ -266,9 +266,8 @@ int simdev_cmd_snapshot(struct simdev *sd, uintptr_t addr, size_t npages, unsign
  * simdev_cmd_exclusive - take the range exclusive for device atomics, then
  * read it back into @buf (NULL: only count). simdev_cmd_check_exclusive -
  * -EPERM if any page of the range is still exclusive to @sd, else 0.
- * Return: -EOPNOTSUPP until the core has device-exclusive pages
- * (HMM_FAULT_EXCLUSIVE, HMM_DPTE_EXCLUSIVE in hmm/device.h); commands.c is
- * written against them and compiles them in when they appear.
+ * Return: also what hmm_mirror_fault(HMM_FAULT_EXCLUSIVE) returns (a device
+ * with memory takes pages exclusive by migrating them, hmm/device.h).
  */
 int simdev_cmd_exclusive(struct simdev *sd, uintptr_t addr, size_t npages, void *buf,
 			 struct simdev_cmd_result *res);

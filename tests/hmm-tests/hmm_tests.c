@@ -48,13 +48,10 @@
 #include "hmm/simdev.h"
 
 /*
- * Capabilities other work is adding (docs/hmm-tests.md): set to 1 when they
- * land, and the scenarios that need them run instead of reporting pending.
- * Device-exclusive pages need no switch: simdev_cmd_exclusive() says
- * -EOPNOTSUPP until the core has them.
+ * A capability the core does not have yet (docs/hmm-tests.md): set to 1 when
+ * it lands, and the scenarios that need it run instead of reporting pending.
  */
 #define HAVE_INPLACE_MIRROR	0	/* devices mirror malloc'd / file memory in place */
-#define HAVE_FOREIGN_MREMAP	1	/* a plain mremap() of libhmm memory (uffd REMAP) */
 
 #define PAGE		4096ul
 #define PAGE_SHIFT	12
@@ -80,8 +77,6 @@ enum outcome { PASSED = 0, SKIPPED = 77, PENDING = 78 };
 	} while (0)
 
 #define NEEDS_INPLACE	"in-place mirroring of ordinary memory (malloc'd, file-backed)"
-#define NEEDS_EXCLUSIVE	"device-exclusive pages (atomics: HMM_FAULT_EXCLUSIVE)"
-#define NEEDS_MREMAP	"foreign mremap() of libhmm memory (remap: uffd REMAP events)"
 
 struct fixture {
 	struct hmm *hmm;
@@ -893,21 +888,22 @@ static int double_map(struct fixture *f)
 
 /* ---- Scenarios: device-exclusive pages ------------------------------------------------------ */
 
+/* @ptr filled with 0, 1, ... and taken exclusive by device 0, which reads it into @m. */
+static void take_exclusive(struct fixture *f, int *ptr, size_t npages, int *m)
+{
+	struct simdev_cmd_result r;
+
+	fill(ptr, npages * PAGE, 0, 1);
+	CHECK_EQ(simdev_cmd_exclusive(f->dev[0], (uintptr_t)ptr, npages, m, &r), 0);
+	CHECK_EQ(r.cpages, npages);
+}
+
 static int exclusive(struct fixture *f)
 {
 	size_t npages = BUFFER_PAGES, size = npages * PAGE;
-	struct simdev_cmd_result r;
-	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size), ret;
+	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size);
 
-	fill(ptr, size, 0, 1);
-	ret = simdev_cmd_exclusive(f->dev[0], (uintptr_t)ptr, npages, m, &r);
-	if (ret == -EOPNOTSUPP) {
-		unmap(f, ptr, size);
-		free(m);
-		PENDING(NEEDS_EXCLUSIVE);
-	}
-	CHECK_EQ(ret, 0);
-	CHECK_EQ(r.cpages, npages);
+	take_exclusive(f, ptr, npages, m);
 	verify(m, size, 0, 1);
 	/* CPU accesses revoke the device's exclusivity. */
 	for (size_t i = 0; i < size / sizeof(int); i++)
@@ -923,17 +919,9 @@ static int exclusive_mprotect(struct fixture *f)
 {
 	size_t npages = BUFFER_PAGES, size = npages * PAGE;
 	struct simdev_cmd_result r;
-	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size), ret;
+	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size);
 
-	fill(ptr, size, 0, 1);
-	ret = simdev_cmd_exclusive(f->dev[0], (uintptr_t)ptr, npages, m, &r);
-	if (ret == -EOPNOTSUPP) {
-		unmap(f, ptr, size);
-		free(m);
-		PENDING(NEEDS_EXCLUSIVE);
-	}
-	CHECK_EQ(ret, 0);
-	CHECK_EQ(r.cpages, npages);
+	take_exclusive(f, ptr, npages, m);
 	verify(m, size, 0, 1);
 	CHECK_EQ(hmm_mprotect(f->hmm, ptr, size, PROT_READ), 0);
 	CHECK_EQ(hmm_write(f->dev[0], ptr, npages, m, &r), -EACCES);
@@ -945,18 +933,9 @@ static int exclusive_mprotect(struct fixture *f)
 static int exclusive_cow(struct fixture *f)
 {
 	size_t npages = BUFFER_PAGES, size = npages * PAGE;
-	struct simdev_cmd_result r;
-	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size), ret;
+	int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size);
 
-	fill(ptr, size, 0, 1);
-	ret = simdev_cmd_exclusive(f->dev[0], (uintptr_t)ptr, npages, m, &r);
-	if (ret == -EOPNOTSUPP) {
-		unmap(f, ptr, size);
-		free(m);
-		PENDING(NEEDS_EXCLUSIVE);
-	}
-	CHECK_EQ(ret, 0);
-	CHECK_EQ(r.cpages, npages);
+	take_exclusive(f, ptr, npages, m);
 	/* No copy-on-write to check: the child inherits nothing. */
 	CHECK(child_segfaults(ptr));
 	for (size_t i = 0; i < size / sizeof(int); i++)
@@ -1228,8 +1207,6 @@ static int migrate_remap_fault(struct fixture *f)
 	size_t size = TWOMEG;
 	size_t offsets[] = { 0, size / 4, size / 2 };
 
-	if (!HAVE_FOREIGN_MREMAP)
-		PENDING(NEEDS_MREMAP);
 	for (int before = 0; before < 2; before++)
 	for (int dont_unmap = 0; dont_unmap < 2; dont_unmap++)
 	for (int use_thp = 0; use_thp < 2; use_thp++)
