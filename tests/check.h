@@ -9,12 +9,22 @@
 #ifndef HMM_TESTS_CHECK_H
 #define HMM_TESTS_CHECK_H
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TEST_SKIP 77
+
+/* Given hmm_init()'s result: exits "skipped" if this kernel offers no usable userfaultfd. */
+static inline void test_skip_without_uffd(int err)
+{
+	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
+		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
+		exit(TEST_SKIP);
+	}
+}
 
 #define CHECK(cond)                                                          \
 	do {                                                                 \

@@ -2071,10 +2071,7 @@ int main(void)
 	struct hmm *probe;
 	int err = hmm_init(NULL, &probe);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		return TEST_SKIP;
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 	CHECK_EQ(hmm_fini(probe), 0);
 

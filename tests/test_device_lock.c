@@ -287,10 +287,7 @@ int main(void)
 {
 	int err = hmm_init(NULL, &hmm);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		return TEST_SKIP;
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 	CHECK_EQ(hmm_fini(hmm), 0);
 	/* Children first: a child of a process with live libhmm may not call it. */

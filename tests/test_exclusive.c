@@ -317,10 +317,7 @@ static void run(enum hmm_fault_mode mode)
 	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
 	int err = hmm_init(&o, &hmm);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		exit(TEST_SKIP);
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 	RUN(exclusive_until_cpu_access);
 	RUN(atomic_counter_hammered_by_device_and_cpu);

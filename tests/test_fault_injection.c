@@ -1027,10 +1027,7 @@ int main(void)
 {
 	int err = hmm_init(NULL, &hmm);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		return TEST_SKIP;
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 	CHECK_EQ(hmm_fini(hmm), 0);
 	seed = test_seed(0xfa11);

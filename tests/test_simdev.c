@@ -1129,10 +1129,7 @@ int main(void)
 {
 	int err = hmm_init(NULL, &hmm);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		return TEST_SKIP;
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 
 	RUN(options_are_checked);

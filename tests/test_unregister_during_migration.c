@@ -124,10 +124,7 @@ int main(void)
 	struct hmm_options ho = { .sz = sizeof(ho) };
 	int err = hmm_init(&ho, &hmm);
 
-	if (err == -EPERM || err == -EOPNOTSUPP || err == -ENOSYS) {
-		fprintf(stderr, "  no userfaultfd (%d): skipped\n", err);
-		return TEST_SKIP;
-	}
+	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);
 	CHECK_EQ(hmm_fini(hmm), 0);
 	fprintf(stderr, "  thread mode\n");
