@@ -103,6 +103,12 @@
  *                                                  frames are the memfd's, and
  *                                                  the kernel moved the CPU
  *                                                  view's PTEs)
+ *   DEVICE(d)  HOST       the same move, when the  d's frame freed: a migration
+ *              at the new CPU view maps the page   that checked its span before
+ *              address    there (pagemap)          the move zapped the old address,
+ *                                                  so the CPU may have written the
+ *                                                  host frame since the copy: it is
+ *                                                  the page (keep_cpu_mapped())
  *   any        EMPTY      hmm_madvise(DISCARD)     invalidates (DISCARD), device
  *                                                  frames freed, host frames
  *                                                  punched (which unmaps them
