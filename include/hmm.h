@@ -149,11 +149,43 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot);
  * hmm_madvise - advice on [@addr, @addr + @length).
  * @advice: HMM_ADV_DISCARD: the contents are thrown away: every page reads as
  *          zeros again, its host and device memory is freed, and every device
- *          drops its entries (HMM_EVENT_DISCARD) before the call returns.
+ *          drops its entries (HMM_EVENT_DISCARD) before the call returns. The
+ *          pages lose HMM_ADV_READ_MOSTLY with their contents.
+ *
+ *          HMM_ADV_READ_MOSTLY (CUDA's cudaMemAdviseSetReadMostly): read
+ *          duplication. A device with memory that reads a page gets its own
+ *          read-only copy in its memory, and the host keeps the page too:
+ *          several devices and the CPU then read it at local speed, the CPU
+ *          with no fault. A page on a device when another device reads it is
+ *          copied home first. The first write from anywhere (the CPU, any
+ *          device) drops every other copy before it proceeds: a device's
+ *          write moves the page to it as today (its entries and the others'
+ *          dropped with HMM_EVENT_MIGRATE), a CPU write leaves it in host
+ *          memory; the page is duplicated again at the next device read.
+ *          While copies exist the CPU view maps the page read-only, so a
+ *          CPU write faults (in signal mode a system call writing into such
+ *          a page, read(2) into it, fails with EFAULT, as for a page on a
+ *          device). A memoryless device maps the host page read-only then.
+ *          The advice belongs to the pages of the range, those never touched
+ *          included, until HMM_ADV_NORMAL, HMM_ADV_DISCARD or hmm_munmap();
+ *          it follows a foreign mremap() (which drops the copies). Copies
+ *          are evicted like any device page (nothing to copy back).
+ *          hmm_migrate() to a device makes a read-only copy there instead
+ *          of moving the page; to the host it leaves duplicated pages as
+ *          they are. hmm_device_lock() and exclusive faults (hmm/device.h) first
+ *          drop the copies.
+ *
+ *          HMM_ADV_NORMAL: ends HMM_ADV_READ_MOSTLY: every device's copy is
+ *          dropped and freed (entries dropped with HMM_EVENT_MIGRATE), the
+ *          host keeps the page, writable again by the CPU.
  * Return: 0; -EINVAL as hmm_munmap(), or an unknown @advice; -EBUSY a page
- * of the range is locked in a device (hmm_device_lock(); nothing discarded).
+ * of the range is locked in a device (hmm_device_lock(); nothing discarded);
+ * for READ_MOSTLY and NORMAL -ENOMEM (no memory for the page table; the
+ * pages before the failing 2 MiB batch took the advice).
  */
-#define HMM_ADV_DISCARD	1
+#define HMM_ADV_DISCARD		1
+#define HMM_ADV_READ_MOSTLY	2
+#define HMM_ADV_NORMAL		3
 int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice);
 
 /*
@@ -276,6 +308,9 @@ struct hmm_stats {
 	uint64_t pages_evicted;		/* moved to the host to make room */
 	uint64_t cpu_pages_prefetched;	/* brought home ahead of a sequential CPU reader */
 	uint64_t device_pages_used;	/* device memory holding pages now, all devices */
+	uint64_t pages_duplicated;	/* read-only device copies made (HMM_ADV_READ_MOSTLY) */
+	uint64_t pages_dup_collapsed;	/* duplicated pages written (or advised NORMAL):
+					   back to one copy */
 };
 
 /* Counters since hmm_init(). Return: 0; -EINVAL. */

@@ -205,12 +205,16 @@ static void refuse(struct hmm *hmm, uintptr_t page)
 	hmm_uffd_wake(hmm->uffd, (void *)page, HMM_PAGE_SIZE);
 }
 
-static void serve_fault(struct hmm *hmm, uintptr_t page, struct deferred *d)
+/* A deferred fault's page carries its WP flag in bit 0. */
+#define DEFERRED_WP 1u
+
+static void serve_fault(struct hmm *hmm, uintptr_t page, bool wp, struct deferred *d)
 {
-	int ret = hmm_cpu_fault(hmm, page);
+	int ret = hmm_cpu_fault_kind(hmm, page, wp ? HMM_CPU_FAULT_WP : HMM_CPU_FAULT_NOT_WP);
 
 	if (ret == -EFAULT && d && d->nr < MAX_DEFERRED) {
-		d->page[d->nr++] = page;	/* perhaps an event behind it moves memory here */
+		/* Perhaps an event behind it moves memory here. */
+		d->page[d->nr++] = page | (wp ? DEFERRED_WP : 0);
 		return;
 	}
 	if (ret == -EFAULT && !d)
@@ -238,11 +242,12 @@ static void serve_messages(struct hmm *hmm)
 		if (ret)
 			break;
 		if (msg.event == UFFD_EVENT_PAGEFAULT)
-			serve_fault(hmm, (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK, &d);
+			serve_fault(hmm, (uintptr_t)msg.arg.pagefault.address & HMM_PAGE_MASK,
+				    msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP, &d);
 	}
 	/* Every event queued behind them is handled: now they are ours or never. */
 	for (unsigned int i = 0; i < d.nr; i++)
-		serve_fault(hmm, d.page[i], NULL);
+		serve_fault(hmm, d.page[i] & HMM_PAGE_MASK, d.page[i] & DEFERRED_WP, NULL);
 }
 
 static void *fault_thread(void *arg)
@@ -481,6 +486,8 @@ int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
 	st->pages_zeroed_on_device = atomic_load(&hmm->stat.pages_zeroed_on_device);
 	st->pages_evicted = atomic_load(&hmm->stat.pages_evicted);
 	st->cpu_pages_prefetched = atomic_load(&hmm->stat.cpu_pages_prefetched);
+	st->pages_duplicated = atomic_load(&hmm->stat.pages_duplicated);
+	st->pages_dup_collapsed = atomic_load(&hmm->stat.pages_dup_collapsed);
 	hmm_rcu_read_lock();		/* mirrors are freed a grace period after removal */
 	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
 		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);

@@ -83,11 +83,101 @@ static int present_run(struct hmm *hmm, uintptr_t start, uintptr_t end, bool zer
 	return 0;
 }
 
+/*
+ * Makes the SHARED pages of [start, end) present write-protected (dup.c): a
+ * read is then served by the mapping, a write raises a WP fault. A page
+ * mapped already is mapped write-protected (nothing maps a SHARED page
+ * otherwise); a hole (never written) gets a zeroed frame.
+ */
+static int present_wp_run(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	static const char zero_page[HMM_PAGE_SIZE];
+	const unsigned int flags = HMM_UFFD_DONTWAKE | HMM_UFFD_MAP_WP;
+
+	for (uintptr_t a = start; a < end;) {
+		size_t done = 0;
+		int ret = hmm_uffd_continue(hmm->uffd, (void *)a, end - a, flags, &done);
+
+		if (done) {
+			hmm_count(&hmm->stat.cpu_pages_mapped, done >> HMM_PAGE_SHIFT);
+			a += done;
+		}
+		if (ret == 0)
+			return 0;
+		if (ret == -EAGAIN && !done)
+			return -EAGAIN;
+		if (ret == -EFAULT) {
+			ret = hmm_uffd_copy(hmm->uffd, (void *)a, zero_page, HMM_PAGE_SIZE, flags, NULL);
+			if (ret == -EEXIST)	/* the frame appeared meanwhile: a minor fault now */
+				ret = hmm_uffd_continue(hmm->uffd, (void *)a, HMM_PAGE_SIZE, flags, NULL);
+			if (ret == 0)
+				hmm_count(&hmm->stat.cpu_pages_zeroed, 1);
+		}
+		if (ret && ret != -EEXIST && ret != -EAGAIN)
+			return ret;
+		a += HMM_PAGE_SIZE;	/* -EEXIST, -EAGAIN after progress: mapped already */
+	}
+	return 0;
+}
+
+/*
+ * The faulting page is SHARED (dup.c). If the CPU view does not map it, map
+ * it write-protected: the access runs again, and faults again if it is a
+ * write. If it is mapped, the fault can only be a write to it (unless the
+ * message says it is not a WP fault: another thread mapped it since): the
+ * copies go and the page becomes HOST, writable (page_state.h). A SIGBUS
+ * does not tell a WP fault from a missing page; the mapping does.
+ */
+static int serve_shared(struct hmm *hmm, struct hmm_busy *b, size_t fi, uintptr_t page,
+			enum hmm_cpu_fault_kind kind)
+{
+	uint64_t mask[HMM_BATCH_PAGES / 64] = { 0 };
+	size_t done = 0;
+	int ret = hmm_uffd_continue(hmm->uffd, (void *)page, HMM_PAGE_SIZE,
+				    HMM_UFFD_DONTWAKE | HMM_UFFD_MAP_WP, &done);
+
+	if (ret == 0) {
+		hmm_count(&hmm->stat.cpu_pages_mapped, 1);
+		return 0;
+	}
+	if (ret == -EFAULT)
+		return present_wp_run(hmm, page, page + HMM_PAGE_SIZE);	/* a hole */
+	if (ret != -EEXIST)
+		return ret;			/* -EAGAIN: the mapping is changing */
+	if (kind == HMM_CPU_FAULT_NOT_WP)
+		return 0;
+	hmm_bit_set(mask, fi);
+	return hmm_dup_collapse(hmm, b, mask, NULL);	/* SHARED -> HOST */
+}
+
+/*
+ * The faulting HOST page: map its frame. If the CPU view maps it already the
+ * fault raced another thread's, or it is a write to a page left
+ * write-protected when a duplication failed half way (dup.c): write-enable
+ * it, which is harmless in the first case.
+ */
+static int serve_host(struct hmm *hmm, uintptr_t page, enum hmm_cpu_fault_kind kind)
+{
+	int ret = hmm_uffd_continue(hmm->uffd, (void *)page, HMM_PAGE_SIZE, HMM_UFFD_DONTWAKE, NULL);
+
+	if (ret == 0) {
+		hmm_count(&hmm->stat.cpu_pages_mapped, 1);
+		return 0;
+	}
+	if (ret == -EEXIST) {
+		if (kind != HMM_CPU_FAULT_NOT_WP)
+			hmm_uffd_writeprotect(hmm->uffd, (void *)page, HMM_PAGE_SIZE, 0, 0);
+		return 0;
+	}
+	return present_run(hmm, page, page + HMM_PAGE_SIZE, false);	/* a hole */
+}
+
 /* How a taken page of the block is made present, from its entry after any move. */
 enum present {
 	SKIP,		/* not ours, or still on a device (its move failed) */
 	ZERO,		/* was EMPTY: zero-fill */
 	MAP,		/* HOST: map the frame */
+	MAP_WP,		/* SHARED: map the frame write-protected */
 };
 
 static enum present how(const struct hmm_busy *b, size_t i)
@@ -99,6 +189,8 @@ static enum present how(const struct hmm_busy *b, size_t i)
 		return ZERO;
 	case HMM_PTE_HOST:
 		return MAP;
+	case HMM_PTE_SHARED:
+		return MAP_WP;
 	default:
 		return SKIP;
 	}
@@ -132,7 +224,7 @@ static void prefetch_request(struct hmm *hmm, uintptr_t block, uintptr_t span)
 	hmm_helper_wake(hmm);
 }
 
-static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch);
+static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch, enum hmm_cpu_fault_kind kind);
 
 static void *prefetch_thread(void *arg)
 {
@@ -155,7 +247,7 @@ static void *prefetch_thread(void *arg)
 		for (int i = 0; i < PREFETCH_BLOCKS && !atomic_load(&hmm->prefetch_addr);
 		     i++, a += span)
 			if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_DEVICE &&
-			    serve(hmm, a, true) == -EFAULT)
+			    serve(hmm, a, true, HMM_CPU_FAULT_NOT_WP) == -EFAULT)
 				break;		/* ran off the region */
 	}
 	return NULL;
@@ -202,7 +294,7 @@ static void steal_ahead(struct hmm *hmm, uintptr_t block, uintptr_t span)
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 
 		if (hmm_pte_state(e) == HMM_PTE_DEVICE && !(e & HMM_PTE_BUSY)) {
-			serve(hmm, a, true);
+			serve(hmm, a, true, HMM_CPU_FAULT_NOT_WP);
 			return;
 		}
 	}
@@ -210,14 +302,19 @@ static void steal_ahead(struct hmm *hmm, uintptr_t block, uintptr_t span)
 
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr)
 {
-	return serve(hmm, addr, false);
+	return serve(hmm, addr, false, HMM_CPU_FAULT_UNKNOWN);
+}
+
+int hmm_cpu_fault_kind(struct hmm *hmm, uintptr_t addr, enum hmm_cpu_fault_kind kind)
+{
+	return serve(hmm, addr, false, kind);
 }
 
 /*
  * Serves the fault-around block of @addr: a CPU fault, or (@prefetch) the
  * prefetch thread doing the same ahead of the reader.
  */
-static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch)
+static int serve(struct hmm *hmm, uintptr_t addr, bool prefetch, enum hmm_cpu_fault_kind kind)
 {
 	uintptr_t page = addr & HMM_PAGE_MASK, span = hmm->fault_around_pages << HMM_PAGE_SHIFT;
 	struct hmm_span s;
@@ -312,7 +409,17 @@ retry:
 	}
 
 	/* The faulting page first, so a failure elsewhere in the block cannot delay it. */
-	ret = present_run(hmm, page, page + HMM_PAGE_SIZE, how(&b, fi) == ZERO);
+	switch (how(&b, fi)) {
+	case MAP_WP:
+		ret = serve_shared(hmm, &b, fi, page, kind);
+		break;
+	case MAP:
+		ret = serve_host(hmm, page, kind);
+		break;
+	default:
+		ret = present_run(hmm, page, page + HMM_PAGE_SIZE, true);
+		break;
+	}
 	if (ret)
 		goto out;
 	/* Then the rest of the block, in runs of pages made present the same way. */
@@ -321,9 +428,12 @@ retry:
 
 		for (j = i + 1; j < n && j != fi && i != fi && how(&b, j) == h; j++)
 			;
-		if (i != fi && h != SKIP &&
-		    present_run(hmm, b.start + (i << HMM_PAGE_SHIFT), b.start + (j << HMM_PAGE_SHIFT),
-				h == ZERO))
+		if (i == fi || h == SKIP)
+			continue;
+		if (h == MAP_WP ? present_wp_run(hmm, b.start + (i << HMM_PAGE_SHIFT),
+						 b.start + (j << HMM_PAGE_SHIFT)) :
+				  present_run(hmm, b.start + (i << HMM_PAGE_SHIFT),
+					      b.start + (j << HMM_PAGE_SHIFT), h == ZERO))
 			break;		/* best effort beyond the faulting page */
 	}
 out:

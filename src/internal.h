@@ -102,6 +102,8 @@ struct hmm_counters {
 	_Atomic uint64_t pages_zeroed_on_device;
 	_Atomic uint64_t pages_evicted;
 	_Atomic uint64_t cpu_pages_prefetched;
+	_Atomic uint64_t pages_duplicated;
+	_Atomic uint64_t pages_dup_collapsed;
 };
 
 /* A lock for short sections that signal handlers may take: spins, then yields. */
@@ -142,6 +144,13 @@ struct hmm_mirror_core {
 	atomic_bool failed;			/* device error: released by the reaper (mirror.c) */
 	atomic_bool pinned;			/* took pages EXCLUSIVE or LOCKED (lock.c) */
 	struct hmm_mirror_counters stat;
+	/*
+	 * Read duplication (dup.c): the read-only copies of SHARED pages this
+	 * device holds, by virtual page: (frame << 1) | 1. Changed only by
+	 * the owner of the page (busy); @dups counts the entries.
+	 */
+	struct hmm_pt dup;
+	_Atomic long dups;
 };
 
 /* A device fault or an invalidation in flight over [start, end) (mirror.c). */
@@ -475,6 +484,18 @@ int hmm_mirror_unpin(struct hmm *hmm, struct hmm_mirror_core *mc);
  */
 int hmm_cpu_fault(struct hmm *hmm, uintptr_t addr);
 /*
+ * What the fault service knows of a CPU fault's kind: a SIGBUS does not say
+ * (UNKNOWN); a thread-mode message says whether it is a write-protect fault.
+ * A fault on a SHARED page whose CPU PTE is present is a write unless the
+ * message says otherwise (fault.c).
+ */
+enum hmm_cpu_fault_kind {
+	HMM_CPU_FAULT_UNKNOWN,
+	HMM_CPU_FAULT_WP,		/* a write to a write-protected page */
+	HMM_CPU_FAULT_NOT_WP,		/* a missing or minor fault */
+};
+int hmm_cpu_fault_kind(struct hmm *hmm, uintptr_t addr, enum hmm_cpu_fault_kind kind);
+/*
  * The prefetch thread: started with the first device (hmm_device_register),
  * stopped by hmm_fini().
  */
@@ -484,6 +505,43 @@ void hmm_prefetch_stop(struct hmm *hmm);
 void hmm_helper_wake(struct hmm *hmm);
 /* Runs the share of a migration posted in hmm.mig_share (prefetch thread). */
 void hmm_migrate_share_run(struct hmm *hmm, struct hmm_mig_share *share);
+
+/* dup.c: read duplication, page state SHARED (page_state.h) */
+
+/*
+ * Gives @mc (a device with memory) a read-only copy of every taken
+ * READ_MOSTLY page of @b in @s that is HOST or SHARED, bringing pages on
+ * another device home first: they become SHARED (b->old and b->new both say
+ * so). Other pages are left for hmm_move_pages(), which leaves SHARED ones
+ * where they are. Return: 0; -ENOMEM no room on @mc; -EIO a copy failed or
+ * @mc has failed; -ENODEV @mc is dying; -EAGAIN the CPU view is changing
+ * (nothing changed for the pages of that try).
+ */
+int hmm_dup_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
+		  struct hmm_mirror_core *mc, const struct hmm_device *owner);
+/*
+ * SHARED -> HOST for the taken SHARED pages of @b (only those in @mask
+ * unless it is NULL): every device entry dropped (MIGRATE), every copy
+ * freed, the CPU view write-enabled. b->old and b->new say HOST. Signal-safe.
+ * Return: 0; -EAGAIN the CPU view could not be write-enabled yet (a uffd
+ * event is unread): those pages stay SHARED with no copies left.
+ */
+int hmm_dup_collapse(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask,
+		     const struct hmm_device *owner);
+/* @mc's copy of the SHARED page @addr (busy, ours): 0 and *@frame; -ENOENT. */
+int hmm_dup_frame(struct hmm_mirror_core *mc, uintptr_t addr, uint64_t *frame);
+/*
+ * Frees every device's copy in [start, end), whose pages the caller holds
+ * and whose device entries it has dropped. Return: SHARED copies freed.
+ */
+size_t hmm_dup_drop_range(struct hmm *hmm, uintptr_t start, uintptr_t end);
+/*
+ * Eviction: drops @mc's copies of the taken SHARED pages of @b (entries
+ * dropped first); the pages stay SHARED. Return: copies freed.
+ */
+size_t hmm_dup_evict(struct hmm *hmm, struct hmm_busy *b, struct hmm_mirror_core *mc);
+/* hmm_madvise(HMM_ADV_READ_MOSTLY / HMM_ADV_NORMAL) over [start, end). */
+int hmm_dup_advise(struct hmm *hmm, uintptr_t start, uintptr_t end, bool read_mostly);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);

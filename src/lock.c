@@ -85,6 +85,10 @@ static int lock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy
 	int ret;
 
 	atomic_store(&mc->pinned, true);	/* its release unlocks */
+	/* SHARED -> HOST first: a locked page has one copy (page_state.h). */
+	ret = hmm_dup_collapse(hmm, b, NULL, NULL);
+	if (ret)
+		return ret;	/* -EAGAIN: the batch again */
 	ret = hmm_move_pages(hmm, s, b, mc, NULL, NULL);
 	for (size_t i = 0, j; i < n; i = j) {
 		hmm_pte_t e = b->new[i];

@@ -459,7 +459,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	/* Phase 3: commit what was copied, give back what was not. */
 	for (size_t i = 0; i < m->n; i++) {
 		hmm_pte_t e = b->old[i];
-		uint64_t flags = e & (HMM_PTE_DIRTY | HMM_PTE_WRITE);
+		uint64_t flags = hmm_pte_keep_flags(e);
 
 		if (m->how[i] == STAY)
 			continue;
@@ -490,6 +490,8 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_mirrors(hmm, start, end, type, NULL);
+	if (type != HMM_EVENT_PROTECT)
+		hmm_dup_drop_range(hmm, start, end);	/* the copies of SHARED pages */
 	for (uintptr_t a = start; a < end && type != HMM_EVENT_PROTECT; a += HMM_PAGE_SIZE) {
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 		uint64_t f = hmm_pte_frame(e);
@@ -531,6 +533,8 @@ static size_t evict_window(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_
 		b.end = s.end;
 		if ((wait ? hmm_busy_lock(hmm, &b) : hmm_busy_trylock(hmm, &b)) == 0) {
 			if (hmm_span_valid(hmm, &s)) {
+				/* Copies of SHARED pages: nothing to copy back (dup.c). */
+				moved += hmm_dup_evict(hmm, &b, mc);
 				hmm_move_pages(hmm, &s, &b, NULL, mc, NULL);
 				for (size_t i = 0; i < ((b.end - b.start) >> HMM_PAGE_SHIFT); i++)
 					moved += hmm_busy_taken(&b, i) && b.new[i] != b.old[i];
@@ -616,7 +620,10 @@ int hmm_for_each_batch(struct hmm *hmm, uintptr_t start, uintptr_t end, unsigned
 
 static int move_batch(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b, void *to)
 {
-	return hmm_move_pages(hmm, s, b, to, NULL, NULL);
+	/* Read-mostly pages get a read-only copy on @to rather than moving (dup.c). */
+	int ret = to ? hmm_dup_pages(hmm, s, b, to, NULL) : 0;
+
+	return ret ? ret : hmm_move_pages(hmm, s, b, to, NULL, NULL);
 }
 
 /* Moves [start, end) to @to, the windows of @parity (hmm_for_each_batch()). */

@@ -353,7 +353,13 @@ int hmm_mirror_register(struct hmm *hmm, struct hmm_mirror *mirror)
 		ret = -ENOMEM;
 		goto out_dev;
 	}
+	if (hmm_pt_init(&mc->dup)) {
+		hmm_pt_fini(&mc->pt);
+		ret = -ENOMEM;
+		goto out_dev;
+	}
 	mc->pt.defer_reclaim = true;	/* cleared under pt_lock, with pages busy */
+	mc->dup.defer_reclaim = true;	/* cleared with pages busy (dup.c) */
 	mc->mirror = mirror;
 	mc->dev = dev;
 	mc->id = id;
@@ -439,6 +445,7 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	wait_users(mc);
 	hmm_devmem_fini(&mc->mem);
 	hmm_pt_fini(&mc->pt);
+	hmm_pt_fini(&mc->dup);	/* empty: every copy was evicted with the device's pages */
 	/* Read lock-free by the calls that take a mirror (mirror_hmm()). */
 	__atomic_store_n(&mirror->hmm, NULL, __ATOMIC_RELAXED);
 	__atomic_store_n(&mirror->id, 0, __ATOMIC_RELAXED);
@@ -562,6 +569,7 @@ void hmm_reclaim_due(struct hmm *hmm, bool idle)
 
 		if (mc) {
 			hmm_pt_reclaim_due(&mc->pt, batches);
+			hmm_pt_reclaim_due(&mc->dup, batches);
 			mirror_put(mc);
 		}
 	}
@@ -989,17 +997,25 @@ static void host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct
 /*
  * One round over the busy pages @b of @s: brings them where @mc wants them
  * (its memory, or home for a memoryless mirror, exclusive if asked) and fills
- * @fb from their new entries. Return: 0; the move's -errno (-EBUSY: a page
- * is locked in another device).
+ * @fb from their new entries. Read-mostly pages are duplicated for a read,
+ * and duplicated pages collapsed for a write (dup.c). Return: 0; the move's
+ * -errno (-EBUSY: a page is locked in another device); -EAGAIN look again.
  */
 static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const struct hmm_span *s,
-			  struct hmm_busy *b, hmm_dpte_t perm, bool exclusive,
+			  struct hmm_busy *b, hmm_dpte_t perm, bool write, bool exclusive,
 			  struct fault_batch *fb)
 {
 	uint64_t frames[HMM_BATCH_PAGES];
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
 	int ret;
 
+	/* SHARED -> HOST before a write; HOST/SHARED -> SHARED for a read (page_state.h). */
+	if (write)
+		ret = hmm_dup_collapse(hmm, b, NULL, mc->dev);
+	else
+		ret = mc->has_memory ? hmm_dup_pages(hmm, s, b, mc, mc->dev) : 0;
+	if (ret)
+		return ret;
 	ret = hmm_move_pages(hmm, s, b, mc->has_memory ? mc : NULL, NULL, mc->dev);
 	if (ret)
 		return ret;
@@ -1014,7 +1030,18 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 		hmm_assert(hmm_busy_taken(b, i));
 		if (st == HMM_PTE_EMPTY)
 			b->new[i] = e = hmm_pte_host();
-		if (st == HMM_PTE_DEVICE || st == HMM_PTE_LOCKED) {
+		if (st == HMM_PTE_SHARED && mc->has_memory) {
+			/* Its own read-only copy, made by hmm_dup_pages() above. */
+			if (hmm_dup_frame(mc, b->start + (i << HMM_PAGE_SHIFT), &frames[i]) ||
+			    hmm_devmem_frame_addr(&mc->mem, &frames[i], 1, &fb->entry[i]))
+				return -EIO;
+			fb->entry[i] |= (perm & ~HMM_DPTE_WRITE) | HMM_DPTE_DEVICE;
+		} else if (st == HMM_PTE_SHARED) {
+			/* A memoryless device reads the host frame, read-only while copies exist. */
+			fb->entry[i] = (uint64_t)(uintptr_t)hmm_span_dma(s, b->start +
+									(i << HMM_PAGE_SHIFT)) |
+				       (perm & ~HMM_DPTE_WRITE);
+		} else if (st == HMM_PTE_DEVICE || st == HMM_PTE_LOCKED) {
 			hmm_assert(hmm_pte_device(e) == mc->id);
 			frames[i] = hmm_pte_frame(e);
 			if (hmm_devmem_frame_addr(&mc->mem, &frames[i], 1, &fb->entry[i]))
@@ -1147,7 +1174,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			hmm_span_put(&s);
 			break;
 		}
-		ret = placed_entries(hmm, mc, &s, &b, perm, exclusive, fb);	/* F3 */
+		ret = placed_entries(hmm, mc, &s, &b, perm, write, exclusive, fb);	/* F3 */
 		if (!ret)
 			fault_register(hmm, &f, a, s.end);		/* F2, while busy */
 		hmm_busy_unlock(hmm, &b);

@@ -41,11 +41,22 @@
  *              HMM_DPTE_EXCLUSIVE. d may have no entry at all (dropped by an
  *              mprotect, or d's mirror gone and the page not yet swept):
  *              the page is still kept from the CPU until someone takes it.
+ *   SHARED     read duplication (dup.c; the page is READ_MOSTLY): the data
+ *              is in the host frame, which the CPU view maps write-protected
+ *              or not at all (a uffd-wp marker keeps the protection); any
+ *              number of devices with memory hold read-only copies in their
+ *              own memory (which, and at which frame: each mirror's dup
+ *              table), memoryless devices map the host frame read-only. All
+ *              copies are equal: nobody may write any of them until the page
+ *              has collapsed back to one copy.
  *   LOCKED(d)  as DEVICE(d) (entry: device, frame), pinned there
  *              (hmm_device_lock): the CPU view holds poison markers
  *              (UFFDIO_POISON), so a CPU access gets SIGBUS without a
  *              userfault; eviction and migrations leave it; only device d
  *              maps it.
+ *   + READ_MOSTLY  hmm_madvise(HMM_ADV_READ_MOSTLY) was given for the page
+ *              (an EMPTY page becomes HOST to carry it); kept across moves,
+ *              cleared by HMM_ADV_NORMAL and by going back to EMPTY.
  *   + DIRTY    a device wrote the page (reported when its mirror entry went,
  *              or on HMM_EVENT_ISDIRTY); kept across moves, cleared only by
  *              going back to EMPTY.
@@ -168,8 +179,60 @@
  *   LOCKED(d)  (same)     hmm_mprotect             invalidates (PROTECT); the
  *                                                  markers stay
  *
- * The state SHARED is defined in pt.h for read duplication; its rows are
- * added here with the code that makes it.
+ * Read duplication (dup.c, mirror.c, fault.c, migrate.c):
+ *
+ *   from       to         who                      how
+ *   ---------  ---------  -----------------------  ----------------------------
+ *   EMPTY      HOST       hmm_madvise(READ_MOSTLY) the entry carries the advice;
+ *                                                  the frame stays a hole
+ *   DEVICE(d)  HOST       read fault of another    as DEVICE -> HOST (copied
+ *   (READ_MOSTLY)         device with memory,      home, d's frame freed), then
+ *                         hmm_migrate to one       duplicated as below
+ *   HOST       SHARED     read fault of a device   invalidates (PROTECT: every
+ *   (READ_MOSTLY)         e with memory,           writable entry of the host
+ *                         hmm_migrate to e         frame); CPU view write-
+ *                                                  protected (UFFDIO_WRITEPROTECT),
+ *                                                  then a frame allocated on e
+ *                                                  and copied from the host
+ *                                                  frame; e's dup table entry
+ *   SHARED     SHARED     read fault of a device   e gets a copy too (no
+ *                         e with memory without    invalidation: nothing
+ *                         a copy, hmm_migrate      changes for the others); a
+ *                         to it; read fault of a   memoryless device maps the
+ *                         memoryless device;       host frame read-only; the
+ *                         hmm_migrate to the       CPU's read fault maps it
+ *                         host; hmm_mprotect       write-protected (CONTINUE
+ *                                                  with MODE_WP); mprotect
+ *                                                  invalidates (PROTECT), the
+ *                                                  copies stay
+ *   SHARED     SHARED     eviction of e's copy,    invalidates (MIGRATE); e's
+ *              (one copy  e's mirror released      copy freed, nothing copied
+ *              fewer)     (its pages evicted)      (the host frame has the data)
+ *   SHARED     HOST       CPU write (WP fault;     invalidates (MIGRATE): every
+ *                         fault.c), write or       device entry dropped and
+ *                         exclusive fault of a     every copy freed, then the
+ *                         device, hmm_device_lock, CPU view write-enabled; the
+ *                         hmm_madvise(NORMAL)      CPU write proceeds; a device
+ *                                                  fault goes on from HOST
+ *                                                  (HOST -> DEVICE(d) or
+ *                                                  EXCLUSIVE(d), as above), so
+ *                                                  does a lock. If the CPU view
+ *                                                  cannot be write-enabled yet
+ *                                                  (a uffd event unread) the
+ *                                                  page stays SHARED with no
+ *                                                  copy and the fault retries
+ *   SHARED     EMPTY      hmm_munmap, foreign      as any -> EMPTY, every copy
+ *                         munmap, DISCARD          freed (discard write-enables
+ *                                                  the CPU view); the advice
+ *                                                  goes with the page
+ *   SHARED     HOST at    a foreign mremap()       the old address invalidated,
+ *              the new                             every copy freed; the CPU
+ *              address                             view at the new address (its
+ *                                                  PTEs moved write-protected)
+ *                                                  write-enabled
+ *
+ *   A device's mirror entry for a SHARED page never carries HMM_DPTE_WRITE:
+ *   its write faults, and the fault collapses the page first.
  */
 #ifndef HMM_PAGE_STATE_H
 #define HMM_PAGE_STATE_H
@@ -181,10 +244,10 @@ static inline hmm_pte_t hmm_pte_host(void)
 	return hmm_pte_make(HMM_PTE_HOST, 0, 0, 0);
 }
 
-/* The flags a page keeps across a state change (DIRTY, WRITE). */
+/* The flags a page keeps across a state change (DIRTY, WRITE, READ_MOSTLY). */
 static inline uint64_t hmm_pte_keep_flags(hmm_pte_t e)
 {
-	return e & (HMM_PTE_DIRTY | HMM_PTE_WRITE);
+	return e & (HMM_PTE_DIRTY | HMM_PTE_WRITE | HMM_PTE_READ_MOSTLY);
 }
 
 #endif

@@ -20,6 +20,8 @@
  *  DIRTY  (bit 4)      written since it was last made clean (device writes are
  *                      folded in when a mirror entry goes away).
  *  WRITE  (bit 5)      the page may be mapped writable.
+ *  RM     (bit 6)      READ_MOSTLY: hmm_madvise(HMM_ADV_READ_MOSTLY) was given
+ *                      for the page; device reads duplicate it (SHARED).
  *  device (bits 8-15)  the device id for DEVICE, EXCLUSIVE and LOCKED states.
  *  frame  (bits 16-63) the device frame (page index in that device's memory)
  *                      for states that have one. A host frame is never stored:
@@ -89,10 +91,11 @@ enum hmm_pte_flags {
 	HMM_PTE_BUSY	= 1ull << 3,
 	HMM_PTE_DIRTY	= 1ull << 4,
 	HMM_PTE_WRITE	= 1ull << 5,
+	HMM_PTE_READ_MOSTLY = 1ull << 6,
 };
 
 #define HMM_PTE_STATE_MASK	0x7ull
-#define HMM_PTE_FLAGS_MASK	(HMM_PTE_BUSY | HMM_PTE_DIRTY | HMM_PTE_WRITE)
+#define HMM_PTE_FLAGS_MASK	(HMM_PTE_BUSY | HMM_PTE_DIRTY | HMM_PTE_WRITE | HMM_PTE_READ_MOSTLY)
 #define HMM_PTE_DEVICE_SHIFT	8
 #define HMM_PTE_DEVICE_MAX	255u
 #define HMM_PTE_FRAME_SHIFT	16

@@ -557,6 +557,28 @@ static int move_entries(struct hmm *hmm, const struct moved_piece *mp)
 	return 0;
 }
 
+static hmm_pte_t shared_to_host_fn(void *arg, uintptr_t addr, hmm_pte_t old)
+{
+	(void)arg;
+	(void)addr;
+	if (hmm_pte_state(old) != HMM_PTE_SHARED)
+		return old;
+	return hmm_pte_make(HMM_PTE_HOST, 0, 0, old & HMM_PTE_FLAGS_MASK);
+}
+
+/*
+ * SHARED -> HOST at @mp's new address, its copies freed already: the CPU
+ * view there, whose PTEs the kernel moved with their write protection, is
+ * write-enabled. Pages busy.
+ */
+static void shared_to_host(struct hmm *hmm, const struct moved_piece *mp)
+{
+	uintptr_t to_end = mp->to + (mp->end - mp->start);
+
+	hmm_pt_update(&hmm->pt, mp->to, to_end, HMM_PT_PRESENT_ONLY, shared_to_host_fn, NULL);
+	hmm_uffd_writeprotect(hmm->uffd, (void *)mp->to, to_end - mp->to, 0, 0);
+}
+
 #define PM_PRESENT (1ull << 63)		/* /proc/self/pagemap: a PTE is there */
 
 static hmm_pte_t unmapped_device_fn(void *arg, uintptr_t addr, hmm_pte_t old)
@@ -713,15 +735,20 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 	for (size_t i = 0; i < nr; i++) {
 		/* 3. Devices drop every entry of the old range; the data stays where it is. */
 		struct hmm_range_node iv;
+		bool shared = false;
 
 		hmm_inval_begin(hmm, &iv, mp[i].start, mp[i].end);
 		hmm_inval_mirrors(hmm, mp[i].start, mp[i].end, HMM_EVENT_MUNMAP, NULL);
+		/* SHARED pages lose their copies (page_state.h): made HOST below. */
+		shared |= hmm_dup_drop_range(hmm, mp[i].start, mp[i].end) != 0;
 		hmm_inval_end(hmm, &iv);
 		/* 4. The entries, still busy, at the new addresses. */
 		while (move_entries(hmm, &mp[i]))
 			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 		if (pagemap >= 0)
 			keep_cpu_mapped(hmm, &mp[i], pagemap);
+		if (shared)
+			shared_to_host(hmm, &mp[i]);
 	}
 	if (pagemap >= 0)
 		close(pagemap);
@@ -759,6 +786,7 @@ int hmm_mprotect(struct hmm *hmm, void *addr, size_t length, int prot)
 static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
 {
 	struct hmm_region_table *t;
+	bool shared = false;
 	int ret;
 
 	pthread_mutex_lock(&hmm->lock);
@@ -770,6 +798,7 @@ static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
 	}
 	/* A locked page is pinned in its device (hmm_device_lock): not discarded. */
 	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE) {
+		shared |= hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_SHARED;
 		if (hmm_pte_state(hmm_pt_lookup(&hmm->pt, a)) == HMM_PTE_LOCKED) {
 			hmm_busy_unlock_range(hmm, start, end);
 			pthread_mutex_unlock(&hmm->lock);
@@ -782,9 +811,13 @@ static int discard_range(struct hmm *hmm, uintptr_t start, uintptr_t end)
 		uintptr_t s = r->start > start ? r->start : start;
 		uintptr_t e = r->end < end ? r->end : end;
 
-		if (s < e)
-			fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-				  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
+		if (s >= e)
+			continue;
+		fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
+		/* SHARED -> EMPTY: the CPU view's write protection goes with the copies. */
+		if (shared)
+			hmm_uffd_writeprotect(hmm->uffd, (void *)s, e - s, 0, 0);
 	}
 	hmm_pt_clear(&hmm->pt, start, end, NULL);	/* EMPTY, and no longer busy */
 	hmm_busy_wake_all(hmm);
@@ -803,6 +836,9 @@ int hmm_madvise(struct hmm *hmm, void *addr, size_t length, int advice)
 	switch (advice) {
 	case HMM_ADV_DISCARD:
 		return discard_range(hmm, start, end);
+	case HMM_ADV_READ_MOSTLY:
+	case HMM_ADV_NORMAL:
+		return hmm_dup_advise(hmm, start, end, advice == HMM_ADV_READ_MOSTLY);
 	}
 	return -EINVAL;
 }
