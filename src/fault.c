@@ -71,8 +71,14 @@ static int present_run(struct hmm *hmm, uintptr_t start, uintptr_t end, bool zer
 		}
 		if (ret == 0)
 			return 0;
-		if (ret == -EAGAIN && !done)
-			return -EAGAIN;		/* the mapping is changing: retry the fault */
+		/*
+		 * The mapping is changing (-EAGAIN: an event is being read), or
+		 * has changed (-ENOENT: the range is not our registered view any
+		 * more, a foreign munmap() whose event is not handled yet):
+		 * retry the fault, which then sees what is there.
+		 */
+		if ((ret == -EAGAIN && !done) || ret == -ENOENT)
+			return -EAGAIN;
 		if (ret != -EAGAIN && ret != -EEXIST && ret != -EFAULT)
 			return ret;
 		ret = present_one(hmm, a);

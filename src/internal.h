@@ -401,6 +401,23 @@ void hmm_inval_end(struct hmm *hmm, struct hmm_range_node *iv);
 void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		       enum hmm_event_type type, const struct hmm_device *owner);
 
+/*
+ * hmm_inval_mirrors() in two halves, for a caller with work of its own that
+ * the devices need not wait for (the CPU side of an munmap): drops are sent
+ * by hmm_inval_send(), and hmm_inval_wait() waits for their fences and
+ * clears the entries. Nothing may change the pages in between (they are
+ * busy, and the devices may still use them). Signal-safe.
+ */
+struct hmm_inval_sent {
+	uintptr_t start, end;
+	unsigned int nhit;
+	struct hmm_mirror_core *hit[HMM_MAX_DEVICES];	/* mirrors that had entries */
+	struct hmm_fence *fence[HMM_MAX_DEVICES];	/* hit[i]'s drop fence, or NULL */
+};
+void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t start,
+		    uintptr_t end, enum hmm_event_type type, const struct hmm_device *owner);
+void hmm_inval_wait(struct hmm *hmm, struct hmm_inval_sent *sent);
+
 /* migrate.c */
 
 /*
@@ -443,6 +460,12 @@ int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_pr
  * MUNMAP and DISCARD also frees the device frames of pages on devices (the
  * caller then clears the entries).
  */
+/*
+ * The device side of freeing [start, end), once no device maps it: the
+ * frames of pages on devices and the copies of SHARED pages. Pages busy,
+ * inside an invalidation.
+ */
+void hmm_free_device_frames(struct hmm *hmm, uintptr_t start, uintptr_t end);
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			      enum hmm_event_type type);
 /*

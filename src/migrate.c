@@ -491,15 +491,20 @@ void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_mirrors(hmm, start, end, type, NULL);
 	if (type != HMM_EVENT_PROTECT)
-		hmm_dup_drop_range(hmm, start, end);	/* the copies of SHARED pages */
-	for (uintptr_t a = start; a < end && type != HMM_EVENT_PROTECT; a += HMM_PAGE_SIZE) {
+		hmm_free_device_frames(hmm, start, end);
+	hmm_inval_end(hmm, &iv);
+}
+
+void hmm_free_device_frames(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	hmm_dup_drop_range(hmm, start, end);	/* the copies of SHARED pages */
+	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE) {
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 		uint64_t f = hmm_pte_frame(e);
 
 		if (hmm_pte_state(e) == HMM_PTE_DEVICE || hmm_pte_state(e) == HMM_PTE_LOCKED)
 			hmm_devmem_free(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem, &f, 1);
 	}
-	hmm_inval_end(hmm, &iv);
 }
 
 /* ---- Eviction --------------------------------------------------------------- */

@@ -651,18 +651,15 @@ static void clear_entries(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_t
 	hmm_spin_unlock(&mc->pt_lock);
 }
 
-#define MAX_INVAL_FENCES 16
-
-void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
-		       enum hmm_event_type type, const struct hmm_device *owner)
+void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t start,
+		    uintptr_t end, enum hmm_event_type type, const struct hmm_device *owner)
 {
 	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
-	struct hmm_mirror_core *hit[HMM_MAX_DEVICES];
-	struct hmm_fence *fence[MAX_INVAL_FENCES];
-	struct hmm_mirror_core *fence_mc[MAX_INVAL_FENCES];
-	unsigned int nhit = 0, nfence = 0;
 	struct hmm_event ev = { .type = type, .start = start, .end = end, .owner = owner };
 
+	sent->start = start;
+	sent->end = end;
+	sent->nhit = 0;
 	for (unsigned int id = 1; id <= max; id++) {
 		struct hmm_mirror_core *mc;
 		struct hmm_fence *f = NULL;
@@ -684,29 +681,36 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 		mc->dev->ops->update(mc->mirror, &ev, &f);
 		hmm_count(&mc->stat.events, 1);
 		hmm_spin_unlock(&mc->pt_lock);
-		hit[nhit++] = mc;
-		if (f) {
-			if (nfence == MAX_INVAL_FENCES) {
-				for (unsigned int i = 0; i < nfence; i++)
-					fence_wait_mirror(hmm, fence_mc[i], fence[i]);
-				nfence = 0;
-			}
-			fence_mc[nfence] = mc;
-			fence[nfence++] = f;
-		}
+		sent->hit[sent->nhit] = mc;
+		sent->fence[sent->nhit++] = f;
 	}
+}
+
+void hmm_inval_wait(struct hmm *hmm, struct hmm_inval_sent *sent)
+{
 	/*
 	 * All fences together: invalidating N devices costs about one device
 	 * latency. A fence that fails (-EIO) is a device error (device.h: the
 	 * device has stopped and will not access memory again): the mirror is
 	 * marked failed, and the reaper releases it (top of file).
 	 */
-	for (unsigned int i = 0; i < nfence; i++)
-		fence_wait_mirror(hmm, fence_mc[i], fence[i]);
-	for (unsigned int i = 0; i < nhit; i++) {
-		clear_entries(hmm, hit[i], start, end);
-		mirror_put(hit[i]);
+	for (unsigned int i = 0; i < sent->nhit; i++)
+		if (sent->fence[i])
+			fence_wait_mirror(hmm, sent->hit[i], sent->fence[i]);
+	for (unsigned int i = 0; i < sent->nhit; i++) {
+		clear_entries(hmm, sent->hit[i], sent->start, sent->end);
+		mirror_put(sent->hit[i]);
 	}
+	sent->nhit = 0;
+}
+
+void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
+		       enum hmm_event_type type, const struct hmm_device *owner)
+{
+	struct hmm_inval_sent sent;
+
+	hmm_inval_send(hmm, &sent, start, end, type, owner);
+	hmm_inval_wait(hmm, &sent);
 }
 
 /* ---- Dirty pages -------------------------------------------------------------------- */

@@ -132,6 +132,20 @@ static void table_publish(struct hmm *hmm, struct hmm_region_table *t)
 	hmm_rcu_synchronize();
 }
 
+/* Has any page of [start, end) an entry (a busy one included)? */
+static bool pt_any(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	struct hmm_pt_iter it;
+	uintptr_t addr;
+	hmm_pte_t e;
+	bool any = false;
+
+	if (hmm_pt_iter_begin(&it, &hmm->pt, start, end) == 0)
+		any = hmm_pt_iter_next(&it, &addr, &e);
+	hmm_pt_iter_end(&it);
+	return any;
+}
+
 /* Does any region of @t overlap [start, end)? */
 static bool overlaps_any(struct hmm_region_table *t, uintptr_t start, uintptr_t end)
 {
@@ -189,29 +203,45 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	 */
 	if (madvise(f->dma, len, MADV_DONTFORK) || madvise(cpu, len, MADV_DONTFORK))
 		goto fail_errno;
-	ret = hmm_uffd_register(hmm->uffd, cpu, len,
-				HMM_UFFD_MISSING | HMM_UFFD_MINOR | HMM_UFFD_WP, NULL);
-	if (ret)
-		goto fail;
 	r = region_new(f, (uintptr_t)cpu, (uintptr_t)cpu + len, 0, prot);
 	if (!r)
 		goto fail_nomem;
 
 	/*
 	 * The kernel may hand out an address whose unmap or move the fault
-	 * thread has not handled yet: its old region is still in the table.
-	 * That event is coming (the address was freed by an munmap or a
-	 * mremap of a registered range); wait for it to be handled.
+	 * thread has not handled yet: its old region is still in the table, or
+	 * its pages still have entries (a move drops the old range from the
+	 * table before it takes the pages). That event is coming (the address
+	 * was freed by an munmap or a mremap of a registered range); wait for
+	 * it to be handled. Until then someone may hold pages of the old
+	 * region busy and be about to map them for the CPU with a uffd ioctl at
+	 * this address: the new view is registered with the userfaultfd only
+	 * after the wait, so such an ioctl fails here (the range is not
+	 * registered) instead of filling the new memfd (the bug in
+	 * tests/test_foreign_remap.c, stale_fault_meets_new_mapping).
 	 */
 	for (;;) {
 		pthread_mutex_lock(&hmm->lock);
 		old = table_of(hmm);
-		if (!overlaps_any(old, r->start, r->end))
+		if (!overlaps_any(old, r->start, r->end) && !pt_any(hmm, r->start, r->end))
 			break;
 		pthread_mutex_unlock(&hmm->lock);
 		if (!hmm_events_settle())
 			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 	}
+	ret = hmm_uffd_register(hmm->uffd, cpu, len,
+				HMM_UFFD_MISSING | HMM_UFFD_MINOR | HMM_UFFD_WP, NULL);
+	if (ret) {
+		pthread_mutex_unlock(&hmm->lock);
+		goto fail;
+	}
+	/*
+	 * A stray access to the address before it was registered (a thread
+	 * still using the memory unmapped there) made pages the core knows
+	 * nothing of; every page must start EMPTY, a hole: punch them out,
+	 * which unmaps them too. From here on only the core fills the memfd.
+	 */
+	fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len);
 	t = table_alloc(old->nr + 1);
 	if (!t) {
 		pthread_mutex_unlock(&hmm->lock);
@@ -351,22 +381,37 @@ fail:
 }
 
 /*
- * Tears down the part [s, e) of old region @r that left the table. Its pages
- * are busy (ours), so no fault or migration touches them meanwhile.
+ * Tears down the parts of @old's regions in [start, end), which left the
+ * table; their pages are busy (ours), so no fault or migration touches them.
+ * In two steps, the first of which the devices need not wait for:
+ *   CPU_VIEW   the CPU view unregistered (first, so that our own munmap
+ *              raises no UNMAP event) and unmapped, unless a foreign munmap()
+ *              has done it (@cpu_view_gone);
+ *   FRAMES     once no device can use the pages: entries cleared, host frames
+ *              punched out of the memfds.
  */
-static void unmap_part(struct hmm *hmm, struct hmm_region *r, uintptr_t s, uintptr_t e,
-		       bool cpu_view_gone)
+enum teardown { CPU_VIEW, FRAMES };
+
+static void tear_down(struct hmm *hmm, struct hmm_region_table *old, uintptr_t start,
+		      uintptr_t end, enum teardown step, bool cpu_view_gone)
 {
-	hmm_release_device_pages(hmm, s, e, HMM_EVENT_MUNMAP);
-	if (!cpu_view_gone) {
-		/* Unregistered first: our own munmap raises no UNMAP event. */
-		hmm_uffd_unregister(hmm->uffd, (void *)s, e - s);
-		munmap((void *)s, e - s);
+	for (size_t i = 0; i < old->nr; i++) {
+		struct hmm_region *r = old->region[i];
+		uintptr_t s = r->start > start ? r->start : start;
+		uintptr_t e = r->end < end ? r->end : end;
+
+		if (s >= e)
+			continue;
+		if (step == CPU_VIEW && !cpu_view_gone) {
+			hmm_uffd_unregister(hmm->uffd, (void *)s, e - s);
+			munmap((void *)s, e - s);
+		} else if (step == FRAMES) {
+			hmm_pt_clear(&hmm->pt, s, e, NULL);	/* EMPTY, and no longer busy */
+			hmm_busy_wake_all(hmm);
+			fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
+		}
 	}
-	hmm_pt_clear(&hmm->pt, s, e, NULL);	/* EMPTY, and no longer busy */
-	hmm_busy_wake_all(hmm);
-	fallocate(r->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-		  (off_t)(r->offset + (s - r->start)), (off_t)(e - s));
 }
 
 /* Drops the old regions that @t no longer holds. */
@@ -388,11 +433,19 @@ static void release_replaced(struct hmm_region_table *old, uintptr_t start, uint
  * migration is working on them; cut the regions, apply the change, publish,
  * drop the device entries the change invalidates, and tear down what only the
  * old table described.
+ *
+ * The devices' drops are sent first and waited for last: the CPU side's work
+ * (the grace period of the new table, the view's unregister and munmap)
+ * overlaps the devices' shootdowns, so an munmap costs about the slowest
+ * device's fence (bench_mirror P7), not that plus its own work. Only what a
+ * device may still use (device frames, host frames) waits for the fences.
  */
 static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot,
 			bool cpu_view_gone)
 {
 	struct hmm_region_table *old, *t;
+	struct hmm_inval_sent sent;
+	struct hmm_range_node iv;
 	int ret = 0;
 
 	pthread_mutex_lock(&hmm->lock);
@@ -411,26 +464,29 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 		table_discard(t, old);
 		goto out;
 	}
+	/* Devices map the pages (with the old permission): they must let go. */
+	hmm_inval_begin(hmm, &iv, start, end);
+	hmm_inval_send(hmm, &sent, start, end, new_prot < 0 ? HMM_EVENT_MUNMAP : HMM_EVENT_PROTECT,
+		       NULL);
 	if (new_prot >= 0 && mprotect((void *)start, end - start, new_prot) < 0) {
 		ret = -errno;
+		hmm_inval_wait(hmm, &sent);	/* harmless: they fault again */
+		hmm_inval_end(hmm, &iv);
 		hmm_busy_unlock_range(hmm, start, end);
 		table_discard(t, old);
 		goto out;
 	}
 	table_publish(hmm, t);
-	if (new_prot >= 0) {
-		/* Devices map pages with the old permission: make them fault again. */
-		hmm_release_device_pages(hmm, start, end, HMM_EVENT_PROTECT);
+	if (new_prot < 0)
+		tear_down(hmm, old, start, end, CPU_VIEW, cpu_view_gone);
+	hmm_inval_wait(hmm, &sent);
+	if (new_prot < 0)
+		hmm_free_device_frames(hmm, start, end);
+	hmm_inval_end(hmm, &iv);
+	if (new_prot >= 0)
 		hmm_busy_unlock_range(hmm, start, end);
-	}
-	for (size_t i = 0; i < old->nr && new_prot < 0; i++) {
-		struct hmm_region *r = old->region[i];
-		uintptr_t s = r->start > start ? r->start : start;
-		uintptr_t e = r->end < end ? r->end : end;
-
-		if (s < e)
-			unmap_part(hmm, r, s, e, cpu_view_gone);
-	}
+	else
+		tear_down(hmm, old, start, end, FRAMES, false);
 	release_replaced(old, start, end);
 	free(old);
 out:
@@ -847,12 +903,17 @@ void hmm_region_destroy_all(struct hmm *hmm)
 {
 	struct hmm_region_table *old = table_of(hmm);
 
+	/* Nobody else runs now. */
 	for (size_t i = 0; i < old->nr; i++) {
 		struct hmm_region *r = old->region[i];
 
-		unmap_part(hmm, r, r->start, r->end, false);	/* nobody else runs now */
-		file_put(r->file);
-		free(r);
+		hmm_release_device_pages(hmm, r->start, r->end, HMM_EVENT_MUNMAP);
+		tear_down(hmm, old, r->start, r->end, CPU_VIEW, false);
+		tear_down(hmm, old, r->start, r->end, FRAMES, false);
+	}
+	for (size_t i = 0; i < old->nr; i++) {
+		file_put(old->region[i]->file);
+		free(old->region[i]);
 	}
 	old->nr = 0;
 }

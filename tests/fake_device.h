@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "check.h"
 #include "hmm.h"
@@ -40,6 +41,8 @@ struct fake_device {
 	uintptr_t window;			/* start of the mapped window */
 	hmm_dpte_t entry[FAKE_WINDOW_PAGES];
 	atomic_int maps, drops, released;
+	/* While home_gate is set, a copy to the host counts itself in home_waiting and waits for it to clear. */
+	atomic_int home_gate, home_waiting;
 };
 
 struct fake_fence {
@@ -198,6 +201,12 @@ static int fake_copy(struct hmm_device *dev, const struct hmm_copy *c, struct hm
 	*f = NULL;
 	if (c->src_device && c->dst_device && fd->no_peer)
 		return -EOPNOTSUPP;
+	if (!c->dst_device && atomic_load(&fd->home_gate)) {
+		/* Async-signal-safe: signal mode copies home from the SIGBUS handler. */
+		atomic_fetch_add(&fd->home_waiting, 1);
+		while (atomic_load(&fd->home_gate))
+			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	}
 	pthread_mutex_lock(&fd->lock);
 	fail = fd->fail_copy > 0;
 	if (fail)

@@ -26,6 +26,7 @@
 
 #include "check.h"
 #include "simdev_check.h"
+#include "fake_device.h"
 #include "hmm.h"
 #include "hmm/simdev.h"
 
@@ -138,8 +139,9 @@ static int device_check(char *p, size_t from, size_t to, uint64_t salt, bool zer
 
 /* ---- Whether an access succeeds ------------------------------------------- */
 
-static sigjmp_buf probe_env;
-static volatile sig_atomic_t probing;
+/* Per thread: several threads may probe at once. */
+static __thread sigjmp_buf probe_env;
+static __thread volatile sig_atomic_t probing;
 
 static void probe_handler(int sig)
 {
@@ -391,6 +393,89 @@ static void foreign_madvise(void)
 	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
 }
 
+/*
+ * A CPU fault still being served for memory that a foreign munmap() took
+ * away, when hmm_mmap() is handed the address again: the fault's mapping
+ * calls (UFFDIO_CONTINUE / ZEROPAGE at the old address) must not fill the new
+ * mapping. They did: the new memfd got zero pages mapped for the CPU while
+ * the core had its pages as never touched, so the CPU's writes went there
+ * unseen, and a move to a device and back (a never-touched page is
+ * zero-filled on the device, the CPU view not zapped) lost them. Found as
+ * "MADV_REMOVE loses writes" in the stress below. Here a fault on each 1 MiB
+ * block of a 4 MiB range is held in its copy home (the fake device's gate)
+ * while the main thread unmaps the range and maps 1 MiB: where the kernel
+ * puts the new view in the hole (often, not always), a fault is on it.
+ */
+static void *stale_reader(void *arg)
+{
+	/* SIGSEGV if the retried access finds nothing mapped: that is fine too. */
+	(void)cpu_probe(arg);
+	return NULL;
+}
+
+static void *gate_opener(void *arg)
+{
+	struct fake_device *fd = arg;
+
+	while (!atomic_load(&fd->home_waiting))
+		nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+	/* Long enough for the main thread to unmap and map again. */
+	nanosleep(&(struct timespec){ .tv_nsec = 100000000 }, NULL);
+	atomic_store(&fd->home_gate, 0);
+	return NULL;
+}
+
+static void stale_fault_meets_new_mapping(void)
+{
+	const size_t part = 1 * MiB, len = 4 * part;
+	struct fake_device *fd = fake_new(4);
+	uint64_t salt = 0x57a1e;
+	int hits = 0, round;
+
+	fake_attach(hmm, fd);
+	for (round = 0; round < 40 && hits < 3; round++) {
+		pthread_t reader[4], opener;
+		char *p, *q;
+
+		CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, (void **)&p), 0);
+		fill(p, len, salt);
+		CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
+		atomic_store(&fd->home_waiting, 0);
+		atomic_store(&fd->home_gate, 1);
+		CHECK_EQ(pthread_create(&opener, NULL, gate_opener, fd), 0);
+		for (int k = 0; k < 4; k++)
+			CHECK_EQ(pthread_create(&reader[k], NULL, stale_reader,
+						p + k * part + 5 * PAGE), 0);
+		/*
+		 * Faults hold the blocks, copying them home: all four in signal
+		 * mode, where each faulting thread serves itself; in thread mode
+		 * the fault thread serves one, and the munmap below waits for it
+		 * (the event is read after it), so the window is signal mode's.
+		 */
+		while (atomic_load(&fd->home_waiting) < (mode == HMM_FAULT_SIGNAL ? 4 : 1))
+			nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+		CHECK_EQ(munmap(p, len), 0);
+		CHECK_EQ(hmm_mmap(hmm, part, PROT_READ | PROT_WRITE, 0, (void **)&q), 0);
+		for (int k = 0; k < 4; k++)
+			CHECK_EQ(pthread_join(reader[k], NULL), 0);
+		CHECK_EQ(pthread_join(opener, NULL), 0);
+		hits += q >= p && q < p + len;
+		/* Written after hmm_mmap() returned: kept through moves both ways. */
+		fill(q, part, salt + 1);
+		CHECK_EQ(hmm_migrate(hmm, q, part, &fd->dev, 0, NULL), 0);
+		CHECK_EQ(hmm_migrate(hmm, q, part, NULL, 0, NULL), 0);
+		cpu_check(q, 0, part, salt + 1, false);
+		CHECK_EQ(hmm_munmap(hmm, q, part), 0);
+	}
+	/* The layout the case relies on: the new view where the faults were. */
+	fprintf(stderr, "    %d of %d rounds mapped the new view over a faulting block\n", hits,
+		round);
+	CHECK(hits > 0);
+	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), 0);
+	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
+	fake_free(fd);
+}
+
 /* ---- Concurrent: a kernel reading while the range moves back and forth ------ */
 
 struct reader {
@@ -530,7 +615,7 @@ static void stress_migrations_vs_foreign_calls(void)
 
 		pthread_rwlock_wrlock(&S.lock[i]);
 		p = S.slot[i];
-		switch (test_rand(&rng) % 4) {
+		switch (test_rand(&rng) % 5) {
 		case 0:	/* foreign munmap, then a fresh slot */
 			CHECK_EQ(munmap(p, SLOT_LEN), 0);
 			stress_new_slot(i, test_rand(&rng));
@@ -544,7 +629,12 @@ static void stress_migrations_vs_foreign_calls(void)
 		case 2:	/* DONTNEED: nothing changes */
 			CHECK_EQ(madvise(p, SLOT_LEN, MADV_DONTNEED), 0);
 			break;
-		default: /* the whole slot checked on the CPU */
+		case 4:	/* REMOVE: host pages read zeros; then written whole again */
+			CHECK_EQ(madvise(p, SLOT_LEN, MADV_REMOVE), 0);
+			S.salt[i] = test_rand(&rng);
+			fill(p, SLOT_LEN, S.salt[i]);
+			break;
+		case 3: /* the whole slot checked on the CPU */
 			cpu_check(p, 0, SLOT_LEN, S.salt[i], false);
 			break;
 		}
@@ -595,6 +685,7 @@ int main(void)
 		no_violations();
 		RUN(foreign_madvise);
 		no_violations();
+		RUN(stale_fault_meets_new_mapping);
 		RUN(move_under_reading_kernel);
 		no_violations();
 		RUN(stress_migrations_vs_foreign_calls);
