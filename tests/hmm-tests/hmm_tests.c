@@ -762,8 +762,18 @@ static void *unmap_half(void *p)
 	struct timespec ts = { .tv_nsec = (long)(test_rand(&a->seed) % 32000) };
 
 	nanosleep(&ts, NULL);
+	/*
+	 * The foreign way is a plain mmap() of a reservation over the half:
+	 * libhmm memory goes as by munmap() (the same UNMAP event), but the
+	 * address does not become free. Until that event is handled, a device
+	 * fault may still migrate the half and zap its CPU view by address
+	 * (MADV_DONTNEED), which would zero whatever another thread mapped
+	 * there meanwhile (docs/cpu-faults.md, "Known problem": the TSan
+	 * runtime's allocator did, and TSan failed its own clock checks).
+	 */
 	if (a->foreign)
-		CHECK_EQ(munmap(a->half, a->len), 0);
+		CHECK(mmap(a->half, a->len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
+			   MAP_FIXED, -1, 0) == a->half);
 	else
 		CHECK_EQ(hmm_munmap(a->f->hmm, a->half, a->len), 0);
 	return NULL;
@@ -777,7 +787,7 @@ static int anon_teardown(struct fixture *f)
 	for (int c = 0; c < NTIMES; c++) {
 		struct simdev_cmd_result r;
 		int *ptr = map(f, size, PROT_READ | PROT_WRITE), *m = mirror_alloc(size), ret;
-		/* The second half goes by hmm_munmap(), or by a plain munmap() every other round. */
+		/* The second half goes by hmm_munmap(), or foreign (by a plain mmap()) every other round. */
 		struct teardown_arg a = { .f = f, .half = (char *)ptr + size / 2, .len = size / 2,
 					  .foreign = c & 1, .seed = seed + (uint64_t)c };
 		pthread_t t;
@@ -797,6 +807,8 @@ static int anon_teardown(struct fixture *f)
 		}
 		CHECK_EQ(pthread_join(t, NULL), 0);
 		unmap(f, ptr, size / 2);
+		if (a.foreign)
+			CHECK_EQ(munmap(a.half, a.len), 0);	/* the reservation */
 		free(m);
 	}
 	return PASSED;
@@ -1215,13 +1227,24 @@ static int migrate_remap_fault(struct fixture *f)
 		struct simdev_cmd_result r;
 		char *old = map(f, 8 * size, PROT_READ | PROT_WRITE);
 		char *p = use_thp ? (char *)ALIGN_UP((uintptr_t)old, size) : old;
+		char *dest = p + size, *end = old + 8 * size;
 		int *ptr = (int *)p, *m = mirror_alloc(size);
 		void *moved = NULL;
 
-		unmap(f, p + size, 2 * size);
+		/*
+		 * The destination [dest, dest + 2 * size) stops being libhmm
+		 * memory: a plain mmap() puts a reservation of ours over it in
+		 * one step (libhmm forgets it by the UNMAP event). It must not
+		 * become free address space, as an hmm_munmap() would leave it:
+		 * another thread may map there meanwhile (the TSan runtime's
+		 * allocator did), and MREMAP_FIXED and the final munmap() would
+		 * destroy that mapping.
+		 */
+		CHECK(mmap(dest, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
+			   MAP_FIXED, -1, 0) == dest);
 		fill(ptr, size, 0, 1);
 		if (before) {
-			moved = mremap(p, size, size, flags, p + size + offsets[j]);
+			moved = mremap(p, size, size, flags, dest + offsets[j]);
 			CHECK(moved != MAP_FAILED);
 			ptr = moved;
 		}
@@ -1229,13 +1252,23 @@ static int migrate_remap_fault(struct fixture *f)
 		CHECK_EQ(r.cpages, size / PAGE);
 		verify(m, size, 0, 1);
 		if (!before) {
-			moved = mremap(p, size, size, flags, p + size + offsets[j]);
+			moved = mremap(p, size, size, flags, dest + offsets[j]);
 			CHECK(moved != MAP_FAILED);
 			ptr = moved;
 		}
 		verify(ptr, size, 0, 1);
-		/* Whatever is left of it, by plain munmap(): libhmm forgets it by events. */
-		CHECK_EQ(munmap(old, 8 * size), 0);
+		/*
+		 * Whatever is left of it, by plain munmap(): libhmm forgets it
+		 * by events. Without MREMAP_DONTUNMAP, [p, dest) is free address
+		 * space now, no longer ours to unmap.
+		 */
+		if (dont_unmap) {
+			CHECK_EQ(munmap(old, 8 * size), 0);
+		} else {
+			if (p > old)
+				CHECK_EQ(munmap(old, (size_t)(p - old)), 0);
+			CHECK_EQ(munmap(dest, (size_t)(end - dest)), 0);
+		}
 		free(m);
 	}
 	return PASSED;
