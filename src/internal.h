@@ -461,6 +461,19 @@ int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_pr
  * caller then clears the entries).
  */
 /*
+ * hmm_cpu_view_zap - drop the CPU view's PTEs of [start, end) (MADV_DONTNEED:
+ * the data stays in the memfd; the next access faults), but only while the
+ * range is still our registered view: after a foreign munmap() the address is
+ * free before the core hears of it, and a zap by address would wipe whatever
+ * another thread mapped there (private memory loses its data). A userfaultfd
+ * call on the range first proves it ours; what is left is a munmap() and a new
+ * mapping at the address, both by other threads, between that call and the
+ * zap (docs/cpu-faults.md). Pages busy.
+ * Return: 0; -EAGAIN the range is not our view (nothing zapped); -errno.
+ */
+int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end);
+
+/*
  * The device side of freeing [start, end), once no device maps it: the
  * frames of pages on devices and the copies of SHARED pages. Pages busy,
  * inside an invalidation.

@@ -106,8 +106,8 @@ static int lock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy
 			       hmm_uffd_poison);
 		if (err) {
 			/* A partial run's markers would outlive the lock: zap them away. */
-			madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
-				MADV_DONTNEED);
+			hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
+					 b->start + (j << HMM_PAGE_SHIFT));
 			if (!ret)
 				ret = err;
 			break;
@@ -169,8 +169,8 @@ static int unlock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_bu
 			 * Not mapped (a PROT_NONE view, say): a zap clears the
 			 * markers instead, and the next access faults as usual.
 			 */
-			madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
-				MADV_DONTNEED);
+			hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
+					 b->start + (j << HMM_PAGE_SHIFT));
 	}
 	return ret;
 }

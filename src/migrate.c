@@ -39,6 +39,7 @@
 
 #include "internal.h"
 #include "page_state.h"
+#include "uffd.h"
 
 #define MAX_FENCES 16
 
@@ -101,13 +102,33 @@ static bool mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t 
 	return true;
 }
 
+int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	/*
+	 * The probe: clearing write protection (a no-op here: pages that are
+	 * zapped are not SHARED) fails unless every mapping in the range is a
+	 * view registered with our userfaultfd (-ENOENT), and while an event
+	 * is unread (-EAGAIN: the kernel counts the mapping as changing).
+	 */
+	int ret = hmm_uffd_writeprotect(hmm->uffd, (void *)start, end - start, 0,
+					HMM_UFFD_DONTWAKE);
+
+	if (ret == -ENOENT || ret == -EAGAIN)
+		return -EAGAIN;
+	/* No uffd event: the core does not ask for REMOVE events (docs/cpu-faults.md). */
+	if (madvise((void *)start, end - start, MADV_DONTNEED))
+		return errno == ENOMEM ? -EAGAIN : -errno;
+	return 0;
+}
+
 /*
  * Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault.
- * A run whose CPU view is not mapped any more gets -EAGAIN in @err: a foreign
- * mremap() moved it after the caller checked its span, so the zap missed the
- * PTEs, which are at the new address now; those pages must not move.
+ * A run whose CPU view is not ours any more gets -EAGAIN in @err: a foreign
+ * munmap() or mremap() took it after the caller checked its span (for a move
+ * the PTEs are at the new address now, and the zap would miss them); those
+ * pages must not move.
  */
-static void zap_cpu(struct hmm_busy *b, const uint64_t *mask, int *err)
+static void zap_cpu(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask, int *err)
 {
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
 
@@ -120,9 +141,8 @@ static void zap_cpu(struct hmm_busy *b, const uint64_t *mask, int *err)
 		}
 		for (j = i + 1; j < n && hmm_bit_test(mask, j); j++)
 			;
-		/* No uffd event: the core does not ask for REMOVE events (docs/cpu-faults.md). */
-		if (madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)), (j - i) << HMM_PAGE_SHIFT,
-			    MADV_DONTNEED) && errno == ENOMEM)
+		if (hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
+				     b->start + (j << HMM_PAGE_SHIFT)))
 			for (size_t k = i; k < j; k++)
 				err[k] = -EAGAIN;
 		i = j;
@@ -449,7 +469,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	hmm_inval_begin(hmm, &iv, drop_start, drop_end);
 	if (drop_end > drop_start)
 		hmm_inval_mirrors(hmm, drop_start, drop_end, HMM_EVENT_MIGRATE, owner);
-	zap_cpu(b, zap, m->err);
+	zap_cpu(hmm, b, zap, m->err);
 
 	/* Phase 2: destination frames, then the copies. */
 	if (to)

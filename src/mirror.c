@@ -98,6 +98,7 @@
 #include <sched.h>
 #include <linux/futex.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -930,10 +931,15 @@ static int host_entries(struct hmm *hmm, const struct hmm_span *s, uintptr_t a,
 	return w.slow ? -EAGAIN : 0;
 }
 
-/* Zaps the CPU view's PTEs of the pages of @b marked in @mask, a run at a time. */
-static void zap_cpu_pages(const struct hmm_busy *b, const uint64_t *mask)
+/*
+ * Zaps the CPU view's PTEs of the pages of @b marked in @mask, a run at a
+ * time. Return: 0; -EAGAIN a run's view is not ours any more (a foreign
+ * munmap() or mremap() under way): its pages must not go exclusive.
+ */
+static int zap_cpu_pages(struct hmm *hmm, const struct hmm_busy *b, const uint64_t *mask)
 {
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+	int ret = 0;
 
 	for (size_t i = 0, j; i < n; i = j) {
 		for (j = i + 1; j < n && hmm_bit_test(mask, j) == hmm_bit_test(mask, i); j++)
@@ -942,12 +948,14 @@ static void zap_cpu_pages(const struct hmm_busy *b, const uint64_t *mask)
 		 * With the pages busy, as migration's zap (migrate.c): the zap
 		 * must be over before the device gets its exclusive entry, and
 		 * the busy pages keep an unmap from replacing the CPU view
-		 * meanwhile. No uffd event: the core does not ask for REMOVE.
+		 * meanwhile.
 		 */
-		if (hmm_bit_test(mask, i))
-			madvise((void *)(b->start + (i << HMM_PAGE_SHIFT)),
-				(j - i) << HMM_PAGE_SHIFT, MADV_DONTNEED);
+		if (hmm_bit_test(mask, i) &&
+		    hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
+				     b->start + (j << HMM_PAGE_SHIFT)))
+			ret = -EAGAIN;
 	}
+	return ret;
 }
 
 /*
@@ -958,13 +966,16 @@ static void zap_cpu_pages(const struct hmm_busy *b, const uint64_t *mask)
  * (HMM_EVENT_EXCLUSIVE, every mirror, this one too), and HOST pages going
  * exclusive are zapped from the CPU view.
  */
-static void host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_busy *b,
-			     bool exclusive)
+static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_busy *b,
+			    bool exclusive)
 {
 	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT, first = n, last = 0;
+	hmm_pte_t prior[HMM_BATCH_PAGES];
 	struct hmm_range_node iv;
+	int ret;
 
+	memcpy(prior, b->new, n * sizeof(prior[0]));
 	for (size_t i = 0; i < n; i++) {
 		hmm_pte_t e = b->new[i];
 		enum hmm_pte_state st = hmm_pte_state(e);
@@ -990,12 +1001,16 @@ static void host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct
 	if (exclusive)
 		atomic_store(&mc->pinned, true);
 	if (first == n)
-		return;
+		return 0;
 	hmm_inval_begin(hmm, &iv, b->start + (first << HMM_PAGE_SHIFT),
 			b->start + ((last + 1) << HMM_PAGE_SHIFT));
 	hmm_inval_mirrors(hmm, iv.start, iv.end, HMM_EVENT_EXCLUSIVE, mc->dev);
-	zap_cpu_pages(b, zap);
+	ret = zap_cpu_pages(hmm, b, zap);
+	if (ret)
+		/* The pages stay as they were (their entries are gone: harmless). */
+		memcpy(b->new, prior, n * sizeof(prior[0]));
 	hmm_inval_end(hmm, &iv);
+	return ret;
 }
 
 /*
@@ -1023,8 +1038,11 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 	ret = hmm_move_pages(hmm, s, b, mc->has_memory ? mc : NULL, NULL, mc->dev);
 	if (ret)
 		return ret;
-	if (!mc->has_memory)
-		host_exclusivity(hmm, mc, b, exclusive);
+	if (!mc->has_memory) {
+		ret = host_exclusivity(hmm, mc, b, exclusive);
+		if (ret)
+			return ret;
+	}
 	fb->start = b->start;
 	fb->n = n;
 	for (size_t i = 0; i < n; i++) {

@@ -476,6 +476,117 @@ static void stale_fault_meets_new_mapping(void)
 	fake_free(fd);
 }
 
+/*
+ * A migration to a device zaps the CPU view of the pages it moves. After a
+ * foreign munmap() the address is free before the core hears of it, and a
+ * zap by address then wiped whatever another thread had mapped there: for
+ * private memory (malloc's), its data (found under TSan in hmm-tests'
+ * anon_teardown, where the TSan runtime's own memory was hit). Here the
+ * migration is held after it took its pages, in the drop fence of a
+ * memoryless device that maps them, while the range is unmapped and private
+ * memory mapped at the address and written; the zap must leave it alone.
+ */
+struct gated_device {
+	struct hmm_device dev;
+	struct hmm_mirror mirror;
+	atomic_int gate, waiting;
+};
+
+struct gated_fence {
+	struct hmm_fence base;
+	struct gated_device *gd;
+};
+
+static int gated_wait(struct hmm_fence *f)
+{
+	struct gated_device *gd = ((struct gated_fence *)f)->gd;
+
+	atomic_fetch_add(&gd->waiting, 1);
+	while (atomic_load(&gd->gate))
+		nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+	return 0;
+}
+
+static void gated_fence_release(struct hmm_fence *f)
+{
+	free(f);
+}
+
+static const struct hmm_fence_ops gated_fence_ops = { .wait = gated_wait,
+						      .release = gated_fence_release };
+
+static int gated_update(struct hmm_mirror *m, const struct hmm_event *ev, struct hmm_fence **f)
+{
+	struct gated_fence *gf;
+
+	if (!hmm_event_is_drop(ev->type))
+		return 0;
+	gf = calloc(1, sizeof(*gf));
+	CHECK(gf);
+	hmm_fence_init(&gf->base, &gated_fence_ops);
+	gf->gd = (struct gated_device *)m->device;
+	*f = &gf->base;
+	return 0;
+}
+
+static const struct hmm_device_ops gated_ops = { .update = gated_update };
+
+struct migrate_job {
+	char *p;
+	size_t len;
+	struct hmm_device *to;
+};
+
+static void *migrate_thread(void *arg)
+{
+	struct migrate_job *j = arg;
+	int ret = hmm_migrate(hmm, j->p, j->len, j->to, 0, NULL);
+
+	/* The range went away under it: whatever it did not move stays (-EFAULT). */
+	CHECK(ret == 0 || ret == -EFAULT);
+	return NULL;
+}
+
+static void zap_spares_foreign_mapping(void)
+{
+	const size_t len = 1 * MiB;
+	struct gated_device gd = { .dev = { .ops = &gated_ops, .name = "gated" } };
+	struct fake_device *fd = fake_new(2);
+	struct migrate_job job = { .len = len, .to = &fd->dev };
+	uint64_t salt = 0x2a9;
+	pthread_t tid;
+	char *mine;
+
+	gd.mirror.device = &gd.dev;
+	CHECK_EQ(hmm_device_register(&gd.dev), 0);
+	CHECK_EQ(hmm_mirror_register(hmm, &gd.mirror), 0);
+	fake_attach(hmm, fd);
+	CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, (void **)&job.p), 0);
+	fill(job.p, len, salt);
+	CHECK_EQ(hmm_mirror_fault(&gd.mirror, (uintptr_t)job.p, (uintptr_t)job.p + len, 0), 0);
+
+	atomic_store(&gd.gate, 1);
+	CHECK_EQ(pthread_create(&tid, NULL, migrate_thread, &job), 0);
+	while (!atomic_load(&gd.waiting))
+		nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+	/* The migration holds the pages, its zap to come. */
+	CHECK_EQ(munmap(job.p, len), 0);
+	mine = mmap(job.p, len, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	CHECK(mine == job.p);
+	fill(mine, len, salt + 1);
+	atomic_store(&gd.gate, 0);
+	CHECK_EQ(pthread_join(tid, NULL), 0);
+	cpu_check(mine, 0, len, salt + 1, false);
+	CHECK_EQ(munmap(mine, len), 0);
+	await_mapped(stats().mapped_bytes);
+	CHECK_EQ(hmm_mirror_unregister(&gd.mirror), 0);
+	CHECK_EQ(hmm_device_unregister(&gd.dev), 0);
+	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), 0);
+	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
+	fake_free(fd);
+}
+
 /* ---- Concurrent: a kernel reading while the range moves back and forth ------ */
 
 struct reader {
@@ -686,6 +797,7 @@ int main(void)
 		RUN(foreign_madvise);
 		no_violations();
 		RUN(stale_fault_meets_new_mapping);
+		RUN(zap_spares_foreign_mapping);
 		RUN(move_under_reading_kernel);
 		no_violations();
 		RUN(stress_migrations_vs_foreign_calls);
