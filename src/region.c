@@ -429,16 +429,16 @@ static void release_replaced(struct hmm_region_table *old, uintptr_t start, uint
 
 /*
  * The common body of munmap (@new_prot < 0) and mprotect: every page of
- * [start, end) must be libhmm's; take its pages busy, so no fault or
- * migration is working on them; cut the regions, apply the change, publish,
- * drop the device entries the change invalidates, and tear down what only the
- * old table described.
+ * [start, end) must be libhmm's. Cut the regions and apply the change
+ * (mprotect), publish the new table, then take the pages busy, so no fault
+ * or migration is working on them any more; drop the device entries the
+ * change invalidates, and tear down what only the old table described.
  *
- * The devices' drops are sent first and waited for last: the CPU side's work
- * (the grace period of the new table, the view's unregister and munmap)
- * overlaps the devices' shootdowns, so an munmap costs about the slowest
- * device's fence (bench_mirror P7), not that plus its own work. Only what a
- * device may still use (device frames, host frames) waits for the fences.
+ * The devices' drops are sent before and waited for after the CPU side's
+ * work (the view's unregister and munmap), which so overlaps the devices'
+ * shootdowns: an munmap costs about the slowest device's fence (bench_mirror
+ * P7), not that plus its own work. Only what a device may still use (device
+ * frames, host frames) waits for the fences.
  */
 static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new_prot,
 			bool cpu_view_gone)
@@ -459,24 +459,30 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 		ret = -ENOMEM;
 		goto out;
 	}
-	ret = hmm_busy_lock_range(hmm, start, end);
-	if (ret) {
+	if (new_prot >= 0 && mprotect((void *)start, end - start, new_prot) < 0) {
+		ret = -errno;
 		table_discard(t, old);
 		goto out;
 	}
+	/*
+	 * Published holding no busy page: a signal-mode fault that found the
+	 * old table may be waiting for one of the pages inside its read
+	 * section, so the grace period must not wait for it while we hold them.
+	 * A device fault that read the old protection is marked by the
+	 * invalidation below (it begins after this), as any fault in flight.
+	 */
+	table_publish(hmm, t);
+	/*
+	 * Then the pages: faults and moves that found the old table finish
+	 * first. A page-table directory that cannot be allocated now is waited
+	 * for: the change is made already.
+	 */
+	while (hmm_busy_lock_range(hmm, start, end))
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 	/* Devices map the pages (with the old permission): they must let go. */
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_send(hmm, &sent, start, end, new_prot < 0 ? HMM_EVENT_MUNMAP : HMM_EVENT_PROTECT,
 		       NULL);
-	if (new_prot >= 0 && mprotect((void *)start, end - start, new_prot) < 0) {
-		ret = -errno;
-		hmm_inval_wait(hmm, &sent);	/* harmless: they fault again */
-		hmm_inval_end(hmm, &iv);
-		hmm_busy_unlock_range(hmm, start, end);
-		table_discard(t, old);
-		goto out;
-	}
-	table_publish(hmm, t);
 	if (new_prot < 0)
 		tear_down(hmm, old, start, end, CPU_VIEW, cpu_view_gone);
 	hmm_inval_wait(hmm, &sent);
