@@ -874,7 +874,7 @@ static int fault_commit(struct hmm_mirror_core *mc, struct hmm_range_node *f,
 		hmm_spin_unlock(&mc->pt_lock);
 		return -EAGAIN;
 	}
-	ret = hmm_pt_update(&mc->pt, fb->start, end, 0, commit_fn, &c);
+	ret = hmm_pt_update_inline(&mc->pt, fb->start, end, 0, commit_fn, &c);
 	if (!ret) {
 		atomic_fetch_add(&mc->entries, c.added);
 		ret = mc->dev->ops->update(mc->mirror, &ev, &fence);
@@ -925,7 +925,7 @@ static int host_entries(struct hmm *hmm, const struct hmm_span *s, uintptr_t a,
 
 	fb->start = a;
 	fb->n = (s->end - a) >> HMM_PAGE_SHIFT;
-	ret = hmm_pt_update(&hmm->pt, a, s->end, 0, host_entry_fn, &w);
+	ret = hmm_pt_update_inline(&hmm->pt, a, s->end, 0, host_entry_fn, &w);
 	if (ret)
 		return ret;
 	return w.slow ? -EAGAIN : 0;

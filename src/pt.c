@@ -291,76 +291,61 @@ static enum walk_result walk_to_leaf(struct hmm_pt *pt, uintptr_t addr, uintptr_
 	return WALK_LEAF;
 }
 
-/*
- * Updates the pages of [*addr, end) that share *addr's leaf, then advances
- * *addr past them (or past a missing subtree when @present_only).
- * Context: inside a read section.
- */
-static int update_span(struct hmm_pt *pt, uintptr_t *addr, uintptr_t end, bool present_only,
-		       hmm_pt_update_fn fn, void *arg, struct hmm_pt_dir **retired)
+int hmm_pt_run_begin(struct hmm_pt *pt, uintptr_t addr, uintptr_t end, bool present_only,
+		     struct hmm_pt_run *run)
 {
-	struct hmm_pt_dir *path[HMM_PT_LEVELS], *leaf;
-	uintptr_t a, span_end, skip_to = 0;
-	bool empty;
+	uintptr_t skip_to = 0;
 
+	hmm_rcu_read_lock();
 	for (;;) {
-		switch (walk_to_leaf(pt, *addr, end, present_only, path, &skip_to, retired)) {
+		switch (walk_to_leaf(pt, addr, end, present_only, run->path, &skip_to,
+				     &run->retired)) {
 		case WALK_HOLE:
-			*addr = skip_to;
+			hmm_rcu_read_unlock();
+			run->end = skip_to;
 			return 0;
 		case WALK_NOMEM:
+			hmm_rcu_read_unlock();
 			return -ENOMEM;
 		case WALK_RETRY:
 			continue;
 		case WALK_LEAF:
 			break;
 		}
-		leaf = path[0];
-		dir_lock(leaf);
-		if (!leaf->dead)
+		dir_lock(run->path[0]);
+		if (!run->path[0]->dead)
 			break;
-		dir_unlock(leaf);
+		dir_unlock(run->path[0]);
 	}
+	run->addr = addr;
+	run->end = slot_end(addr, 1, end);
+	run->slot = &run->path[0]->slot[hmm_pt_index(addr, 0)];
+	return 1;
+}
 
-	span_end = slot_end(*addr, 1, end);
-	for (a = *addr; a < span_end; a += HMM_PAGE_SIZE) {
-		_Atomic uint64_t *slot = &leaf->slot[hmm_pt_index(a, 0)];
-		hmm_pte_t old = atomic_load_explicit(slot, memory_order_relaxed), new;
+void hmm_pt_run_end(struct hmm_pt *pt, struct hmm_pt_run *run, long used_delta)
+{
+	struct hmm_pt_dir *leaf = run->path[0];
+	bool empty;
 
-		if (present_only && !old)
-			continue;
-		new = fn(arg, a, old);
-		if (new == old)
-			continue;
-		atomic_store_explicit(slot, new, memory_order_release);
-		leaf->used += (uint16_t)(!old - !new);
-	}
+	leaf->used += (uint16_t)used_delta;
 	empty = leaf->used == 0;
 	dir_unlock(leaf);
-
 	if (empty)
-		prune(pt, path, 0, *addr, retired);
-	*addr = span_end;
-	return 0;
+		prune(pt, run->path, 0, run->addr, &run->retired);
+	hmm_rcu_read_unlock();
+}
+
+void hmm_pt_run_finish(struct hmm_pt *pt, struct hmm_pt_run *run)
+{
+	retire(pt, run->retired);
+	run->retired = NULL;
 }
 
 int hmm_pt_update(struct hmm_pt *pt, uintptr_t start, uintptr_t end, unsigned int flags,
 		  hmm_pt_update_fn fn, void *arg)
 {
-	struct hmm_pt_dir *retired = NULL;
-	bool present_only = flags & HMM_PT_PRESENT_ONLY;
-	uintptr_t addr = start;
-	int ret = 0;
-
-	if (!hmm_range_valid(start, end) || (flags & ~HMM_PT_PRESENT_ONLY) || !fn)
-		return -EINVAL;
-	while (addr < end && !ret) {
-		hmm_rcu_read_lock();
-		ret = update_span(pt, &addr, end, present_only, fn, arg, &retired);
-		hmm_rcu_read_unlock();
-	}
-	retire(pt, retired);
-	return ret;
+	return hmm_pt_update_inline(pt, start, end, flags, fn, arg);
 }
 
 struct set_args {

@@ -67,6 +67,7 @@
 #ifndef HMM_PT_H
 #define HMM_PT_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -240,6 +241,68 @@ enum hmm_pt_update_flags {
  */
 int hmm_pt_update(struct hmm_pt *pt, uintptr_t start, uintptr_t end, unsigned int flags,
 		  hmm_pt_update_fn fn, void *arg);
+
+/*
+ * The leaf at a time access hmm_pt_update() is made of, for callers whose
+ * callback should be inlined into the loop (hmm_pt_update_inline(), the
+ * device-fault path: bench_mirror P6). hmm_pt_run_begin() walks to the leaf
+ * of @addr (allocating directories unless @present_only), locks it, and
+ * describes the run of its slots from @addr to the leaf's end or @end; the
+ * caller loads and stores them, counting how many became present (+1) or
+ * absent (-1), and hands that to hmm_pt_run_end(), which unlocks the leaf and
+ * prunes it if empty. hmm_pt_run_finish() frees what pruning retired, once
+ * after the last run. Return of begin: 1 a run, locked (end it); 0 no leaf
+ * there (@present_only): run->end is where to go on; -ENOMEM.
+ */
+struct hmm_pt_run {
+	_Atomic uint64_t *slot;			/* the slot of @addr */
+	uintptr_t addr, end;			/* the run: [addr, end) */
+	struct hmm_pt_dir *path[HMM_PT_LEVELS];
+	struct hmm_pt_dir *retired;		/* NULL before the first run */
+};
+
+int hmm_pt_run_begin(struct hmm_pt *pt, uintptr_t addr, uintptr_t end, bool present_only,
+		     struct hmm_pt_run *run);
+void hmm_pt_run_end(struct hmm_pt *pt, struct hmm_pt_run *run, long used_delta);
+void hmm_pt_run_finish(struct hmm_pt *pt, struct hmm_pt_run *run);
+
+/* hmm_pt_update(), for a caller that passes a constant @fn to be inlined. */
+static inline __attribute__((always_inline)) int
+hmm_pt_update_inline(struct hmm_pt *pt, uintptr_t start, uintptr_t end, unsigned int flags,
+		     hmm_pt_update_fn fn, void *arg)
+{
+	bool present_only = flags & HMM_PT_PRESENT_ONLY;
+	struct hmm_pt_run run = { .retired = NULL };
+	uintptr_t a = start;
+	int ret = 0;
+
+	if (!hmm_range_valid(start, end) || (flags & ~HMM_PT_PRESENT_ONLY) || !fn)
+		return -EINVAL;
+	while (a < end) {
+		long delta = 0;
+
+		ret = hmm_pt_run_begin(pt, a, end, present_only, &run);
+		if (ret < 0)
+			break;
+		for (uintptr_t x = a; ret && x < run.end; x += HMM_PAGE_SIZE) {
+			_Atomic uint64_t *slot = run.slot + ((x - a) >> HMM_PAGE_SHIFT);
+			hmm_pte_t old = atomic_load_explicit(slot, memory_order_relaxed), new;
+
+			if (present_only && !old)
+				continue;
+			new = fn(arg, x, old);
+			if (new == old)
+				continue;
+			atomic_store_explicit(slot, new, memory_order_release);
+			delta += (long)!old - (long)!new;
+		}
+		if (ret)
+			hmm_pt_run_end(pt, &run, delta);
+		a = run.end;
+	}
+	hmm_pt_run_finish(pt, &run);
+	return ret < 0 ? ret : 0;
+}
 
 /*
  * Sets every page of [@start, @end) to @entry. If @old is not NULL it receives
