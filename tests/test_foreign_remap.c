@@ -403,8 +403,8 @@ static void foreign_madvise(void)
  * zero-filled on the device, the CPU view not zapped) lost them. Found as
  * "MADV_REMOVE loses writes" in the stress below. Here a fault on each 1 MiB
  * block of a 4 MiB range is held in its copy home (the fake device's gate)
- * while the main thread unmaps the range and maps 1 MiB: where the kernel
- * puts the new view in the hole (often, not always), a fault is on it.
+ * while the main thread unmaps the range and maps 1 MiB at a time until the
+ * kernel puts a new view in the hole, over a fault.
  */
 static void *stale_reader(void *arg)
 {
@@ -425,6 +425,8 @@ static void *gate_opener(void *arg)
 	return NULL;
 }
 
+#define MAX_TRIES 16
+
 static void stale_fault_meets_new_mapping(void)
 {
 	const size_t part = 1 * MiB, len = 4 * part;
@@ -435,7 +437,8 @@ static void stale_fault_meets_new_mapping(void)
 	fake_attach(hmm, fd);
 	for (round = 0; round < 40 && hits < 3; round++) {
 		pthread_t reader[4], opener;
-		char *p, *q;
+		char *p, *q[MAX_TRIES];
+		int nq;
 
 		CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, (void **)&p), 0);
 		fill(p, len, salt);
@@ -455,17 +458,28 @@ static void stale_fault_meets_new_mapping(void)
 		while (atomic_load(&fd->home_waiting) < (mode == HMM_FAULT_SIGNAL ? 4 : 1))
 			nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
 		CHECK_EQ(munmap(p, len), 0);
-		CHECK_EQ(hmm_mmap(hmm, part, PROT_READ | PROT_WRITE, 0, (void **)&q), 0);
+		/*
+		 * Mappings until one lands in the hole (the kernel fills the
+		 * highest gaps first); the others are kept meanwhile so that
+		 * each try goes lower.
+		 */
+		for (nq = 0; nq < MAX_TRIES; nq++) {
+			CHECK_EQ(hmm_mmap(hmm, part, PROT_READ | PROT_WRITE, 0, (void **)&q[nq]), 0);
+			if (q[nq] >= p && q[nq] < p + len)
+				break;
+		}
 		for (int k = 0; k < 4; k++)
 			CHECK_EQ(pthread_join(reader[k], NULL), 0);
 		CHECK_EQ(pthread_join(opener, NULL), 0);
-		hits += q >= p && q < p + len;
+		hits += nq < MAX_TRIES;
 		/* Written after hmm_mmap() returned: kept through moves both ways. */
-		fill(q, part, salt + 1);
-		CHECK_EQ(hmm_migrate(hmm, q, part, &fd->dev, 0, NULL), 0);
-		CHECK_EQ(hmm_migrate(hmm, q, part, NULL, 0, NULL), 0);
-		cpu_check(q, 0, part, salt + 1, false);
-		CHECK_EQ(hmm_munmap(hmm, q, part), 0);
+		for (int k = 0; k < nq + (nq < MAX_TRIES); k++) {
+			fill(q[k], part, salt + 1);
+			CHECK_EQ(hmm_migrate(hmm, q[k], part, &fd->dev, 0, NULL), 0);
+			CHECK_EQ(hmm_migrate(hmm, q[k], part, NULL, 0, NULL), 0);
+			cpu_check(q[k], 0, part, salt + 1, false);
+			CHECK_EQ(hmm_munmap(hmm, q[k], part), 0);
+		}
 	}
 	/* The layout the case relies on: the new view where the faults were. */
 	fprintf(stderr, "    %d of %d rounds mapped the new view over a faulting block\n", hits,
