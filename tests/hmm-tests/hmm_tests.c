@@ -47,12 +47,6 @@
 #include "hmm/device.h"
 #include "hmm/simdev.h"
 
-/*
- * A capability the core does not have yet (docs/hmm-tests.md): set to 1 when
- * it lands, and the scenarios that need it run instead of reporting pending.
- */
-#define HAVE_INPLACE_MIRROR	0	/* devices mirror malloc'd / file memory in place */
-
 #define PAGE		4096ul
 #define PAGE_SHIFT	12
 #define TWOMEG		(2ul << 20)
@@ -76,7 +70,6 @@ enum outcome { PASSED = 0, SKIPPED = 77, PENDING = 78 };
 		return PENDING;                                              \
 	} while (0)
 
-#define NEEDS_INPLACE	"in-place mirroring of ordinary memory (malloc'd, file-backed)"
 
 struct fixture {
 	struct hmm *hmm;
@@ -428,13 +421,6 @@ static int anon_write_child_shared(struct fixture *f)
 	}
 	/* Shared anonymous memory is not libhmm's: the device writes it in place. */
 	ret = hmm_write(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		kill(pid, SIGKILL);
-		waitpid(pid, &status, 0);
-		munmap(ptr, size);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
@@ -471,9 +457,7 @@ static int anon_write_hugetlbfs(struct fixture *f)
 	struct simdev_cmd_result r;
 	int *m, *ptr, ret;
 
-	/* hugetlbfs memory is not libhmm's: only the in-place path can reach it. */
-	if (!HAVE_INPLACE_MIRROR)
-		PENDING(NEEDS_INPLACE);
+	/* hugetlbfs memory is not libhmm's: the device writes it in place. */
 	ptr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB,
 		   -1, 0);
 	if (ptr == MAP_FAILED)
@@ -502,12 +486,6 @@ static int file_read(struct fixture *f)
 	ptr = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
 	CHECK(ptr != MAP_FAILED);
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
@@ -528,12 +506,6 @@ static int file_write(struct fixture *f)
 	CHECK(ptr != MAP_FAILED);
 	fill(m, size, 0, 1);
 	ret = hmm_write(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
@@ -578,12 +550,6 @@ static int migrate_file_private(struct fixture *f)
 	verify(ptr, size, 0, 1);
 	/* What the device reads there, in place. */
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	verify(m, size, 0, 1);
@@ -1416,12 +1382,10 @@ static int userfaultfd_read(struct fixture *f)
 
 	/* The device reads pages that only the user's handler can supply. */
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (!(ret == -EFAULT && !HAVE_INPLACE_MIRROR)) {
-		CHECK_EQ(ret, 0);
-		CHECK_EQ(r.cpages, npages);
-		for (size_t i = 0; i < size; i++)
-			CHECK_EQ(m[i], 0xab);
-	}
+	CHECK_EQ(ret, 0);
+	CHECK_EQ(r.cpages, npages);
+	for (size_t i = 0; i < size; i++)
+		CHECK_EQ(m[i], 0xab);
 	CHECK_EQ(write(h.stop, &one, sizeof(one)), (ssize_t)sizeof(one));
 	CHECK_EQ(pthread_join(t, NULL), 0);
 	close(h.stop);
@@ -1429,8 +1393,6 @@ static int userfaultfd_read(struct fixture *f)
 	munmap(ptr, size);
 	free(h.page);
 	free(m);
-	if (ret)
-		PENDING(NEEDS_INPLACE);
 	return PASSED;
 }
 

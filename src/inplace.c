@@ -1,0 +1,360 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Ordinary memory mirrored in place (DESIGN.md §4, "Ordinary memory"): a
+ * device fault on memory that is not libhmm's (malloc'd, shared anonymous,
+ * a file mapping, hugetlbfs) maps the pages where they are, by their own
+ * virtual address. Nothing migrates, and the core keeps no logical entry
+ * for them: their only state is the process's own page table. Entries carry
+ * HMM_DPTE_INPLACE (device.h), and a backend reaches them through a path
+ * that fails cleanly if the mapping is gone (simdev: process_vm_readv/writev
+ * on its own process).
+ *
+ * Invalidation
+ * ------------
+ * The kernel tells user space of an unmap only after the fact, through a
+ * userfaultfd event. Each mapping a device faults is registered with a
+ * userfaultfd of its own (not the core's: see "Why a second uffd") in WP
+ * mode only, and nothing is ever write-protected, so the registration
+ * changes no access: it only makes munmap(), mremap() (and a mapping that
+ * replaces part of it, MAP_FIXED) raise UNMAP / REMAP events. The event
+ * thread reads them and drops every mirror's entries for the old range
+ * (HMM_EVENT_MUNMAP, fences waited), between hmm_inval_begin() and
+ * hmm_inval_end(), so a device fault that overlaps backs off and looks the
+ * mapping up again (the collision-retry of mirror.c, unchanged: in-place
+ * entries live in the mirror page tables with all the others).
+ *
+ * A fault registers the mapping before it makes the pages present and
+ * commits, so a mapping a device holds entries for raises an event when it
+ * goes, or was already gone when the fault looked (and the fault failed, or
+ * mapped what is there now). Registration is refused for a regular file
+ * (ext4 and the like: only anonymous, shmem and hugetlbfs mappings can be
+ * registered) and for a range the user registered with a userfaultfd of
+ * their own (-EBUSY); such ranges are mirrored all the same, without
+ * events, and the user calls hmm_inplace_invalidate() before unmapping,
+ * moving or reprotecting them (hmm.h). mprotect() raises no event for any
+ * mapping: the same call covers it; until then a device write that the new
+ * protection forbids fails (the backend's path respects protections).
+ *
+ * The window. munmap() returns to its caller when the event is read, and
+ * the entries are dropped after that: meanwhile a device may still access
+ * the old address, which may already be mapped again by another thread.
+ * The backend's path keeps that from crashing the process (an unmapped
+ * address is an error, not a SIGSEGV), but an access inside the window to
+ * an address mapped again does reach the new mapping. User space cannot
+ * close it: the kernel offers no hook that runs before the unmap (the
+ * kernel's own HMM uses an mmu notifier, invalidate_range_start, which runs
+ * under mmap_lock before the page tables change). A runtime that unmaps
+ * memory devices may be using calls hmm_inplace_invalidate() first, which
+ * is that hook, by hand.
+ *
+ * Why a second uffd. munmap() blocks until its event is read, so the thread
+ * that reads must never itself unmap a registered range. Registered ranges
+ * here are whatever devices touched, malloc's heap included, and free() may
+ * trim it: the core's fault thread frees memory, so it cannot be the reader.
+ * The event thread below allocates and frees nothing between reads, and
+ * reading is what releases the unmapper, so whatever the handling waits for
+ * (a mirror's pt_lock, a fence) is never held by a thread stuck in munmap()
+ * on this uffd. The uffd does not ask for fork events: a child inherits no
+ * registration.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "uffd.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ	22	/* 5.14 */
+#define MADV_POPULATE_WRITE	23
+#endif
+
+/* /proc/PID/maps PROCMAP_QUERY (6.11; linux/fs.h), newer than the installed headers. */
+struct hmm_procmap_query {
+	uint64_t size;
+	uint64_t query_flags;
+	uint64_t query_addr;
+	uint64_t vma_start;
+	uint64_t vma_end;
+	uint64_t vma_flags;
+	uint64_t vma_page_size;
+	uint64_t vma_offset;
+	uint64_t inode;
+	uint32_t dev_major;
+	uint32_t dev_minor;
+	uint32_t vma_name_size;
+	uint32_t build_id_size;
+	uint64_t vma_name_addr;
+	uint64_t build_id_addr;
+};
+#define HMM_PROCMAP_QUERY	_IOWR('f', 17, struct hmm_procmap_query)
+#define HMM_PROCMAP_READABLE	0x01
+#define HMM_PROCMAP_WRITABLE	0x02
+
+struct vma {
+	uintptr_t start, end;
+	int prot;			/* PROT_READ / PROT_WRITE */
+};
+
+/* The maps file line by line, for kernels without PROCMAP_QUERY. */
+static int vma_parse(uintptr_t addr, struct vma *v)
+{
+	char buf[4096];
+	size_t have = 0;
+	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	int ret = -EFAULT;
+
+	if (fd < 0)
+		return -EFAULT;
+	for (;;) {
+		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+		char *line = buf, *nl;
+
+		if (n <= 0)
+			break;
+		have += (size_t)n;
+		buf[have] = 0;
+		while ((nl = strchr(line, '\n'))) {
+			unsigned long s, e;
+			char perm[5];
+
+			*nl = 0;
+			if (sscanf(line, "%lx-%lx %4s", &s, &e, perm) == 3 && s <= addr && addr < e) {
+				v->start = s;
+				v->end = e;
+				v->prot = (perm[0] == 'r' ? PROT_READ : 0) |
+					  (perm[1] == 'w' ? PROT_WRITE : 0);
+				close(fd);
+				return 0;
+			}
+			line = nl + 1;
+		}
+		have -= (size_t)(line - buf);
+		memmove(buf, line, have);
+		if (have == sizeof(buf) - 1)
+			have = 0;	/* a line longer than the buffer: its head is parsed */
+	}
+	close(fd);
+	return ret;
+}
+
+/* The mapping holding @addr. Return: 0; -EFAULT none. */
+static int vma_query(struct hmm *hmm, uintptr_t addr, struct vma *v)
+{
+	struct hmm_procmap_query q = { .size = sizeof(q), .query_addr = addr };
+	int ret;
+
+	if (hmm->maps_fd < 0)
+		return vma_parse(addr, v);
+	pthread_mutex_lock(&hmm->maps_lock);
+	ret = ioctl(hmm->maps_fd, HMM_PROCMAP_QUERY, &q) ? -errno : 0;
+	pthread_mutex_unlock(&hmm->maps_lock);
+	if (ret == -ENOTTY || ret == -EINVAL)
+		return vma_parse(addr, v);
+	if (ret)
+		return -EFAULT;		/* -ENOENT: nothing mapped there */
+	v->start = (uintptr_t)q.vma_start;
+	v->end = (uintptr_t)q.vma_end;
+	v->prot = ((q.vma_flags & HMM_PROCMAP_READABLE) ? PROT_READ : 0) |
+		  ((q.vma_flags & HMM_PROCMAP_WRITABLE) ? PROT_WRITE : 0);
+	return 0;
+}
+
+int hmm_inplace_lookup(struct hmm *hmm, uintptr_t addr, uintptr_t *start, uintptr_t *end,
+		       int *prot)
+{
+	struct vma v;
+	int ret = vma_query(hmm, addr, &v);
+
+	if (ret)
+		return ret;
+	*start = v.start;
+	*end = v.end;
+	*prot = v.prot;
+	return 0;
+}
+
+/* Every mirror drops its entries for [start, end): the mapping there changed. */
+static void inplace_drop(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	struct hmm_range_node iv;
+
+	start &= HMM_PAGE_MASK;
+	end = (end + HMM_PAGE_SIZE - 1) & HMM_PAGE_MASK;
+	if (start >= end || !hmm_range_valid(start, end))
+		return;
+	hmm_inval_begin(hmm, &iv, start, end);
+	hmm_inval_mirrors(hmm, start, end, HMM_EVENT_MUNMAP, NULL);
+	hmm_inval_end(hmm, &iv);
+}
+
+int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write,
+			hmm_dpte_t *entry)
+{
+	hmm_dpte_t perm;
+	struct vma v, again;
+	size_t n;
+	int ret;
+
+	ret = vma_query(hmm, a, &v);
+	if (ret)
+		return ret;
+	if (!(v.prot & PROT_READ))
+		return -EFAULT;
+	if (write && !(v.prot & PROT_WRITE))
+		return -EACCES;
+	if (*end > v.end)
+		*end = v.end;
+	/*
+	 * For events, before the pages are made present and the entries
+	 * committed (top of file). Registering a range registered with this
+	 * uffd already is a no-op; refused (a regular file, a user's own
+	 * uffd) or no uffd: mirrored without events.
+	 */
+	if (hmm->inplace_uffd >= 0)
+		hmm_uffd_register(hmm->inplace_uffd, (void *)v.start, v.end - v.start, HMM_UFFD_WP,
+				  NULL);
+	/* Waits for a user's own userfaultfd handler, as the CPU's access would. */
+	if (madvise((void *)a, *end - a, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ)) {
+		ret = -errno;
+		if (ret == -EINTR)
+			return -EAGAIN;
+		/*
+		 * -ENOMEM: part of the range is unmapped, or no memory;
+		 * -EINVAL: the protection changed, or a mapping of device
+		 * pages (VM_IO, VM_PFNMAP); -EFAULT: SIGBUS or SIGSEGV (beyond
+		 * a file's end, a poisoned page). A mapping that changed since
+		 * we looked is looked at again.
+		 */
+		if (vma_query(hmm, a, &again) || again.start != v.start || again.end != v.end ||
+		    again.prot != v.prot)
+			return -EAGAIN;
+		return ret == -ENOMEM ? -ENOMEM : -EFAULT;
+	}
+	perm = HMM_DPTE_VALID | HMM_DPTE_INPLACE | ((v.prot & PROT_WRITE) ? HMM_DPTE_WRITE : 0);
+	n = (*end - a) >> HMM_PAGE_SHIFT;
+	for (size_t i = 0; i < n; i++)
+		entry[i] = (a + (i << HMM_PAGE_SHIFT)) | perm;
+	return 0;
+}
+
+int hmm_inplace_invalidate(struct hmm *hmm, void *addr, size_t length)
+{
+	uintptr_t start = (uintptr_t)addr, end = start + length;
+
+	if (!hmm_is_live(hmm) || !length || (start | length) & ~HMM_PAGE_MASK ||
+	    !hmm_range_valid(start, end))
+		return -EINVAL;
+	/* libhmm memory has its own calls (hmm_munmap(), hmm_mprotect()). */
+	hmm_rcu_read_lock();
+	for (uintptr_t a = start; a < end; a += HMM_PAGE_SIZE) {
+		if (hmm_region_find(hmm, a)) {
+			hmm_rcu_read_unlock();
+			return -EINVAL;
+		}
+	}
+	hmm_rcu_read_unlock();
+	inplace_drop(hmm, start, end);
+	return 0;
+}
+
+/* ---- The event thread ------------------------------------------------------ */
+
+static void handle_event(struct hmm *hmm, const struct uffd_msg *msg)
+{
+	switch (msg->event) {
+	case UFFD_EVENT_UNMAP:
+		inplace_drop(hmm, (uintptr_t)msg->arg.remove.start, (uintptr_t)msg->arg.remove.end);
+		break;
+	case UFFD_EVENT_REMAP:
+		/*
+		 * The pages are at the new address now, still registered with
+		 * us (the kernel moves the registration with the mapping); a
+		 * device faults them there.
+		 */
+		inplace_drop(hmm, (uintptr_t)msg->arg.remap.from,
+			     (uintptr_t)msg->arg.remap.from + (uintptr_t)msg->arg.remap.len);
+		break;
+	}
+}
+
+static void *inplace_thread(void *arg)
+{
+	struct hmm *hmm = arg;
+	struct pollfd pfd[2] = {
+		{ .fd = hmm->inplace_uffd, .events = POLLIN },
+		{ .fd = hmm->inplace_stop_fd, .events = POLLIN },
+	};
+
+	for (;;) {
+		struct uffd_msg msg;
+
+		if (poll(pfd, 2, -1) <= 0)
+			continue;	/* EINTR */
+		if (pfd[1].revents)
+			break;
+		/* Read first: that releases the unmapper (uffd.h, hazard 1). */
+		while (hmm_uffd_read_msg(hmm->inplace_uffd, &msg) == 0)
+			handle_event(hmm, &msg);
+	}
+	return NULL;
+}
+
+void hmm_inplace_start(struct hmm *hmm)
+{
+	uint64_t features = UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+
+	hmm->inplace_uffd = -1;
+	hmm->inplace_stop_fd = -1;
+	pthread_mutex_init(&hmm->maps_lock, NULL);
+	hmm->maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	/* shmem and hugetlbfs mappings take WP registration only with this. */
+	features |= hmm_uffd_features() & UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+	if (hmm_uffd_open(&hmm->inplace_uffd, features, O_CLOEXEC | O_NONBLOCK, NULL)) {
+		hmm->inplace_uffd = -1;
+		return;
+	}
+	hmm->inplace_stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (hmm->inplace_stop_fd < 0 ||
+	    pthread_create(&hmm->inplace_thread, NULL, inplace_thread, hmm)) {
+		if (hmm->inplace_stop_fd >= 0)
+			close(hmm->inplace_stop_fd);
+		close(hmm->inplace_uffd);
+		hmm->inplace_uffd = -1;
+		hmm->inplace_stop_fd = -1;
+		return;
+	}
+	hmm->inplace_running = true;
+}
+
+void hmm_inplace_stop(struct hmm *hmm)
+{
+	uint64_t one = 1;
+
+	if (hmm->inplace_running) {
+		if (write(hmm->inplace_stop_fd, &one, sizeof(one)) != sizeof(one))
+			abort();	/* an eventfd write of 1 cannot fail */
+		pthread_join(hmm->inplace_thread, NULL);
+		hmm->inplace_running = false;
+	}
+	/*
+	 * Closing the uffd unregisters every range and releases a munmap()
+	 * that raced the thread's exit.
+	 */
+	if (hmm->inplace_uffd >= 0)
+		close(hmm->inplace_uffd);
+	if (hmm->inplace_stop_fd >= 0)
+		close(hmm->inplace_stop_fd);
+	if (hmm->maps_fd >= 0)
+		close(hmm->maps_fd);
+	hmm->inplace_uffd = hmm->inplace_stop_fd = hmm->maps_fd = -1;
+	pthread_mutex_destroy(&hmm->maps_lock);
+}
