@@ -170,6 +170,10 @@
  *
  * The state SHARED is defined in pt.h for read duplication; its rows are
  * added here with the code that makes it.
+ *
+ * Ordinary memory that devices use in place (inplace.c) is not libhmm's: it
+ * has no logical entry and so no state here; the process's own page table
+ * is its state, and only the mirrors' entries (HMM_DPTE_INPLACE) are ours.
  */
 #ifndef HMM_PAGE_STATE_H
 #define HMM_PAGE_STATE_H

@@ -490,6 +490,8 @@ static int file_read(struct fixture *f)
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
@@ -512,6 +514,8 @@ static int file_write(struct fixture *f)
 	verify(ptr, size, 0, 1);
 	CHECK_EQ(pread(fd, m, size, 0), (ssize_t)size);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
@@ -553,6 +557,8 @@ static int migrate_file_private(struct fixture *f)
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
