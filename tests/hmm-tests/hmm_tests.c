@@ -396,23 +396,23 @@ static int anon_write_child_shared(struct fixture *f)
 	size_t npages = BUFFER_PAGES, size = npages * PAGE;
 	struct simdev_cmd_result r;
 	int *ptr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	int *m = mirror_alloc(size), go[2], ret, status;
+	int *m = mirror_alloc(size), go[2], ready[2], ret, status;
 	pid_t pid;
+	char c;
 
 	CHECK(ptr != MAP_FAILED);
 	fill(ptr, size, 0, 1);
 	fill(m, size, 0, -1);
 	CHECK_EQ(pipe(go), 0);
+	CHECK_EQ(pipe(ready), 0);
 	pid = fork();
 	CHECK(pid >= 0);
 	if (pid == 0) {
-		char c;
-
 		/* The child sees the parent's values, then what the parent's device wrote. */
 		for (size_t i = 0; i < size / sizeof(int); i++)
 			if (ptr[i] != (int)i)
 				_exit(2);
-		if (read(go[0], &c, 1) != 1)
+		if (write(ready[1], "r", 1) != 1 || read(go[0], &c, 1) != 1)
 			_exit(3);
 		for (size_t i = 0; i < size / sizeof(int); i++)
 			if (ptr[i] != -(int)i)
@@ -420,6 +420,7 @@ static int anon_write_child_shared(struct fixture *f)
 		_exit(0);
 	}
 	/* Shared anonymous memory is not libhmm's: the device writes it in place. */
+	CHECK_EQ(read(ready[0], &c, 1), 1);
 	ret = hmm_write(f->dev[0], ptr, npages, m, &r);
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
@@ -428,6 +429,10 @@ static int anon_write_child_shared(struct fixture *f)
 	CHECK_EQ(waitpid(pid, &status, 0), pid);
 	CHECK(WIFEXITED(status));
 	CHECK_EQ(WEXITSTATUS(status), 0);
+	for (int i = 0; i < 2; i++) {
+		close(go[i]);
+		close(ready[i]);
+	}
 	verify(ptr, size, 0, -1);
 	munmap(ptr, size);
 	free(m);
