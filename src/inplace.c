@@ -47,15 +47,20 @@
  * memory devices may be using calls hmm_inplace_invalidate() first, which
  * is that hook, by hand.
  *
- * Why a second uffd. munmap() blocks until its event is read, so the thread
- * that reads must never itself unmap a registered range. Registered ranges
- * here are whatever devices touched, malloc's heap included, and free() may
- * trim it: the core's fault thread frees memory, so it cannot be the reader.
- * The event thread below allocates and frees nothing between reads, and
- * reading is what releases the unmapper, so whatever the handling waits for
- * (a mirror's pt_lock, a fence) is never held by a thread stuck in munmap()
- * on this uffd. The uffd does not ask for fork events: a child inherits no
- * registration.
+ * Why a second uffd, and two threads. munmap() blocks until its event is
+ * read, so the thread that reads must never itself unmap a registered
+ * range. Registered ranges here are whatever devices touched, malloc's
+ * memory included, and free() may unmap it (a heap trim, an mmap'd chunk, a
+ * sanitizer's quarantine): the core's fault thread frees memory, so it
+ * cannot be the reader; nor can the thread that drops entries, which frees
+ * page-table directories. So a reader thread does nothing but read events
+ * and push their ranges on a fixed ring (no allocation, no free, no lock),
+ * and a handler thread pops them and invalidates. Reading is what releases
+ * the unmapper, so whatever the handler waits for (a mirror's pt_lock, a
+ * fence, its own munmap() inside free()) is never stuck behind an unread
+ * event. A full ring is not waited on: the reader marks an overflow and the
+ * handler drops every entry of every mirror (devices fault again). The
+ * uffd does not ask for fork events: a child inherits no registration.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -266,26 +271,36 @@ int hmm_inplace_invalidate(struct hmm *hmm, void *addr, size_t length)
 	return 0;
 }
 
-/* ---- The event thread ------------------------------------------------------ */
+/* ---- The event threads ------------------------------------------------------ */
 
-static void handle_event(struct hmm *hmm, const struct uffd_msg *msg)
+#define RING_SLOTS	(sizeof(((struct hmm *)0)->inplace_ring) / \
+			 sizeof(((struct hmm *)0)->inplace_ring[0]))
+
+static void wake_handler(struct hmm *hmm)
 {
-	switch (msg->event) {
-	case UFFD_EVENT_UNMAP:
-		inplace_drop(hmm, (uintptr_t)msg->arg.remove.start, (uintptr_t)msg->arg.remove.end);
-		break;
-	case UFFD_EVENT_REMAP:
-		/*
-		 * The pages are at the new address now, still registered with
-		 * us (the kernel moves the registration with the mapping); a
-		 * device faults them there.
-		 */
-		inplace_drop(hmm, (uintptr_t)msg->arg.remap.from,
-			     (uintptr_t)msg->arg.remap.from + (uintptr_t)msg->arg.remap.len);
-		break;
-	}
+	uint64_t one = 1;
+
+	if (write(hmm->inplace_wake_fd, &one, sizeof(one)) != sizeof(one))
+		return;		/* the counter is saturated: the handler is awake anyway */
 }
 
+/* Reader only. */
+static void ring_push(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	unsigned int head = atomic_load_explicit(&hmm->inplace_head, memory_order_relaxed);
+	unsigned int tail = atomic_load_explicit(&hmm->inplace_tail, memory_order_acquire);
+
+	if (head - tail == RING_SLOTS) {
+		atomic_store(&hmm->inplace_overflow, true);
+	} else {
+		hmm->inplace_ring[head % RING_SLOTS].start = start;
+		hmm->inplace_ring[head % RING_SLOTS].end = end;
+		atomic_store_explicit(&hmm->inplace_head, head + 1, memory_order_release);
+	}
+	wake_handler(hmm);
+}
+
+/* The reader: events in, ranges out; never allocates, frees or locks. */
 static void *inplace_thread(void *arg)
 {
 	struct hmm *hmm = arg;
@@ -301,9 +316,44 @@ static void *inplace_thread(void *arg)
 			continue;	/* EINTR */
 		if (pfd[1].revents)
 			break;
-		/* Read first: that releases the unmapper (uffd.h, hazard 1). */
-		while (hmm_uffd_read_msg(hmm->inplace_uffd, &msg) == 0)
-			handle_event(hmm, &msg);
+		/* Reading releases the unmapper (uffd.h, hazard 1). */
+		while (hmm_uffd_read_msg(hmm->inplace_uffd, &msg) == 0) {
+			if (msg.event == UFFD_EVENT_UNMAP)
+				ring_push(hmm, (uintptr_t)msg.arg.remove.start,
+					  (uintptr_t)msg.arg.remove.end);
+			/*
+			 * A move: the pages are at the new address now, still
+			 * registered with us (the registration moves with the
+			 * mapping); a device faults them there.
+			 */
+			else if (msg.event == UFFD_EVENT_REMAP)
+				ring_push(hmm, (uintptr_t)msg.arg.remap.from,
+					  (uintptr_t)msg.arg.remap.from + (uintptr_t)msg.arg.remap.len);
+		}
+	}
+	return NULL;
+}
+
+/* The handler: drops what the reader pushed. */
+static void *inplace_handler(void *arg)
+{
+	struct hmm *hmm = arg;
+	uint64_t n;
+
+	while (!atomic_load(&hmm->inplace_stop)) {
+		unsigned int tail = atomic_load_explicit(&hmm->inplace_tail, memory_order_relaxed);
+
+		if (atomic_exchange(&hmm->inplace_overflow, false))
+			inplace_drop(hmm, HMM_PAGE_SIZE, HMM_VA_END);
+		while (tail != atomic_load_explicit(&hmm->inplace_head, memory_order_acquire)) {
+			uintptr_t start = hmm->inplace_ring[tail % RING_SLOTS].start;
+			uintptr_t end = hmm->inplace_ring[tail % RING_SLOTS].end;
+
+			atomic_store_explicit(&hmm->inplace_tail, ++tail, memory_order_release);
+			inplace_drop(hmm, start, end);
+		}
+		if (read(hmm->inplace_wake_fd, &n, sizeof(n)) != sizeof(n))
+			continue;	/* EINTR */
 	}
 	return NULL;
 }
@@ -314,6 +364,7 @@ void hmm_inplace_start(struct hmm *hmm)
 
 	hmm->inplace_uffd = -1;
 	hmm->inplace_stop_fd = -1;
+	hmm->inplace_wake_fd = -1;
 	pthread_mutex_init(&hmm->maps_lock, NULL);
 	hmm->maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 	/* shmem and hugetlbfs mappings take WP registration only with this. */
@@ -323,22 +374,44 @@ void hmm_inplace_start(struct hmm *hmm)
 		return;
 	}
 	hmm->inplace_stop_fd = eventfd(0, EFD_CLOEXEC);
-	if (hmm->inplace_stop_fd < 0 ||
-	    pthread_create(&hmm->inplace_thread, NULL, inplace_thread, hmm)) {
-		if (hmm->inplace_stop_fd >= 0)
-			close(hmm->inplace_stop_fd);
-		close(hmm->inplace_uffd);
-		hmm->inplace_uffd = -1;
-		hmm->inplace_stop_fd = -1;
-		return;
-	}
+	hmm->inplace_wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (hmm->inplace_stop_fd < 0 || hmm->inplace_wake_fd < 0)
+		goto fail;
+	if (pthread_create(&hmm->inplace_handler, NULL, inplace_handler, hmm))
+		goto fail;
+	hmm->inplace_handler_running = true;
+	if (pthread_create(&hmm->inplace_thread, NULL, inplace_thread, hmm))
+		goto fail;
 	hmm->inplace_running = true;
+	return;
+fail:
+	/* No reader: close the uffd first, so that nothing is ever registered with it. */
+	close(hmm->inplace_uffd);
+	hmm->inplace_uffd = -1;
+	if (hmm->inplace_handler_running) {
+		atomic_store(&hmm->inplace_stop, true);
+		wake_handler(hmm);
+		pthread_join(hmm->inplace_handler, NULL);
+		hmm->inplace_handler_running = false;
+	}
+	if (hmm->inplace_stop_fd >= 0)
+		close(hmm->inplace_stop_fd);
+	if (hmm->inplace_wake_fd >= 0)
+		close(hmm->inplace_wake_fd);
+	hmm->inplace_stop_fd = hmm->inplace_wake_fd = -1;
 }
 
 void hmm_inplace_stop(struct hmm *hmm)
 {
 	uint64_t one = 1;
 
+	/* The handler first: the reader reads whatever its own frees wait for. */
+	if (hmm->inplace_handler_running) {
+		atomic_store(&hmm->inplace_stop, true);
+		wake_handler(hmm);
+		pthread_join(hmm->inplace_handler, NULL);
+		hmm->inplace_handler_running = false;
+	}
 	if (hmm->inplace_running) {
 		if (write(hmm->inplace_stop_fd, &one, sizeof(one)) != sizeof(one))
 			abort();	/* an eventfd write of 1 cannot fail */
@@ -347,14 +420,16 @@ void hmm_inplace_stop(struct hmm *hmm)
 	}
 	/*
 	 * Closing the uffd unregisters every range and releases a munmap()
-	 * that raced the thread's exit.
+	 * that raced the reader's exit.
 	 */
 	if (hmm->inplace_uffd >= 0)
 		close(hmm->inplace_uffd);
 	if (hmm->inplace_stop_fd >= 0)
 		close(hmm->inplace_stop_fd);
+	if (hmm->inplace_wake_fd >= 0)
+		close(hmm->inplace_wake_fd);
 	if (hmm->maps_fd >= 0)
 		close(hmm->maps_fd);
-	hmm->inplace_uffd = hmm->inplace_stop_fd = hmm->maps_fd = -1;
+	hmm->inplace_uffd = hmm->inplace_stop_fd = hmm->inplace_wake_fd = hmm->maps_fd = -1;
 	pthread_mutex_destroy(&hmm->maps_lock);
 }

@@ -224,8 +224,21 @@ struct hmm {
 	 */
 	int inplace_uffd;
 	int inplace_stop_fd;
-	pthread_t inplace_thread;
+	pthread_t inplace_thread;		/* reads the events, into the ring */
 	bool inplace_running;
+	pthread_t inplace_handler;		/* drops the entries they name */
+	bool inplace_handler_running;
+	int inplace_wake_fd;			/* eventfd: the ring has work, or stop */
+	atomic_bool inplace_stop;
+	/*
+	 * Unmapped ranges read but not yet handled: a single-producer,
+	 * single-consumer ring (the reader pushes, the handler pops); on
+	 * overflow the reader sets @inplace_overflow and the handler drops
+	 * every entry (inplace.c, "Why two threads").
+	 */
+	struct { uintptr_t start, end; } inplace_ring[64];
+	_Atomic unsigned int inplace_head, inplace_tail;
+	atomic_bool inplace_overflow;
 	int maps_fd;
 	pthread_mutex_t maps_lock;
 
