@@ -2021,6 +2021,12 @@ static void setup(struct ctx *c, enum hmm_fault_mode mode)
 	c->rw = p;
 	c->gone = c->rw + 2 * PAGE;
 	CHECK_EQ(hmm_munmap(c->hmm, c->gone, PAGE), 0);
+	/*
+	 * Kept a hole: whatever the process mapped there next would be
+	 * ordinary memory, which devices use in place.
+	 */
+	CHECK(mmap(c->gone, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
+		   0) == c->gone);
 	for (size_t i = 0; i < 2 * PAGE / 8; i++)
 		((uint64_t *)c->rw)[i] = rw_word(i);
 	c->foreign = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -2075,6 +2081,7 @@ static void teardown(struct ctx *c)
 	CHECK_EQ(atomic_load(&c->dead.released), 1);
 	CHECK_EQ(atomic_load(&c->never.released), 0);
 	munmap(c->foreign, 2 * PAGE);
+	munmap(c->gone, PAGE);
 }
 
 static unsigned int run_phase(struct ctx *c, enum phase phase, unsigned int *disabled)
