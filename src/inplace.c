@@ -72,6 +72,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -107,6 +109,7 @@ struct hmm_procmap_query {
 struct vma {
 	uintptr_t start, end;
 	int prot;			/* PROT_READ / PROT_WRITE */
+	uint64_t dev, ino;		/* the file mapped, as stat() names it; 0 anonymous */
 };
 
 /* The maps file line by line, for kernels without PROCMAP_QUERY. */
@@ -128,13 +131,17 @@ static int vma_parse(uintptr_t addr, struct vma *v)
 		have += (size_t)n;
 		buf[have] = 0;
 		while ((nl = strchr(line, '\n'))) {
-			unsigned long s, e;
+			unsigned long s, e, off, ino;
+			unsigned int maj, min;
 			char perm[5];
 
 			*nl = 0;
-			if (sscanf(line, "%lx-%lx %4s", &s, &e, perm) == 3 && s <= addr && addr < e) {
+			if (sscanf(line, "%lx-%lx %4s %lx %x:%x %lu", &s, &e, perm, &off, &maj, &min,
+				   &ino) == 7 && s <= addr && addr < e) {
 				v->start = s;
 				v->end = e;
+				v->dev = makedev(maj, min);
+				v->ino = ino;
 				v->prot = (perm[0] == 'r' ? PROT_READ : 0) |
 					  (perm[1] == 'w' ? PROT_WRITE : 0);
 				close(fd);
@@ -168,6 +175,8 @@ static int vma_query(struct hmm *hmm, uintptr_t addr, struct vma *v)
 		return -EFAULT;		/* -ENOENT: nothing mapped there */
 	v->start = (uintptr_t)q.vma_start;
 	v->end = (uintptr_t)q.vma_end;
+	v->dev = makedev(q.dev_major, q.dev_minor);
+	v->ino = q.inode;
 	v->prot = ((q.vma_flags & HMM_PROCMAP_READABLE) ? PROT_READ : 0) |
 		  ((q.vma_flags & HMM_PROCMAP_WRITABLE) ? PROT_WRITE : 0);
 	return 0;
@@ -201,6 +210,34 @@ static void inplace_drop(struct hmm *hmm, uintptr_t start, uintptr_t end)
 	hmm_inval_end(hmm, &iv);
 }
 
+/*
+ * Is @v a mapping of one of libhmm's own memfds? A DMA view (-EFAULT: no
+ * device maps it), or a CPU view the region table does not know: moved by
+ * a foreign mremap() whose event is not handled yet, or unmapped by
+ * hmm_munmap() a moment ago (-EAGAIN: look again). Never ordinary memory:
+ * its host frames may be stale while a page is on a device.
+ */
+static int libhmm_view(struct hmm *hmm, const struct vma *v)
+{
+	struct hmm_region_table *t;
+	int ret = 0;
+
+	if (!v->ino)
+		return 0;
+	hmm_rcu_read_lock();
+	t = atomic_load_explicit(&hmm->regions, memory_order_acquire);
+	for (size_t i = 0; i < t->nr && !ret; i++) {
+		const struct hmm_memfd *f = t->region[i]->file;
+
+		if (f->dev != v->dev || f->ino != v->ino)
+			continue;
+		ret = v->start >= (uintptr_t)f->dma && v->start < (uintptr_t)f->dma + f->size ?
+			      -EFAULT : -EAGAIN;
+	}
+	hmm_rcu_read_unlock();
+	return ret;
+}
+
 int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write,
 			hmm_dpte_t *entry)
 {
@@ -209,7 +246,30 @@ int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write
 	size_t n;
 	int ret;
 
-	ret = vma_query(hmm, a, &v);
+	for (int tries = 0;; tries++) {
+		bool ours;
+
+		ret = vma_query(hmm, a, &v);
+		if (!ret)
+			ret = libhmm_view(hmm, &v);
+		if (ret != -EAGAIN)
+			break;
+		/* Ours again (the move's event handled): the caller looks again. */
+		hmm_rcu_read_lock();
+		ours = hmm_region_find(hmm, a) != NULL;
+		hmm_rcu_read_unlock();
+		if (ours)
+			return -EAGAIN;
+		/*
+		 * A view that stays unknown is none of libhmm's memory any
+		 * more (the old range of an MREMAP_DONTUNMAP, unmapped by
+		 * munmap() but for its event): not ordinary memory either.
+		 */
+		if (tries == 1000)
+			return -EFAULT;
+		hmm_events_settle();
+		nanosleep(&(struct timespec){ .tv_nsec = 20000 }, NULL);
+	}
 	if (ret)
 		return ret;
 	if (!(v.prot & PROT_READ))

@@ -1128,6 +1128,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			if (ret == -EAGAIN) {
 				ret = 0;
 				hmm_count(&mc->stat.fault_rounds, 1);
+				sched_yield();	/* a move's event, say, being handled */
 			} else if (!ret) {
 				a = next;
 			}
