@@ -110,6 +110,7 @@ struct vma {
 	uintptr_t start, end;
 	int prot;			/* PROT_READ / PROT_WRITE */
 	uint64_t dev, ino;		/* the file mapped, as stat() names it; 0 anonymous */
+	size_t page_size;		/* hugetlbfs: its huge page size */
 };
 
 /* The maps file line by line, for kernels without PROCMAP_QUERY. */
@@ -142,6 +143,7 @@ static int vma_parse(uintptr_t addr, struct vma *v)
 				v->end = e;
 				v->dev = makedev(maj, min);
 				v->ino = ino;
+				v->page_size = HMM_PAGE_SIZE;	/* hugetlbfs: registration refused */
 				v->prot = (perm[0] == 'r' ? PROT_READ : 0) |
 					  (perm[1] == 'w' ? PROT_WRITE : 0);
 				close(fd);
@@ -177,6 +179,7 @@ static int vma_query(struct hmm *hmm, uintptr_t addr, struct vma *v)
 	v->end = (uintptr_t)q.vma_end;
 	v->dev = makedev(q.dev_major, q.dev_minor);
 	v->ino = q.inode;
+	v->page_size = q.vma_page_size ? (size_t)q.vma_page_size : HMM_PAGE_SIZE;
 	v->prot = ((q.vma_flags & HMM_PROCMAP_READABLE) ? PROT_READ : 0) |
 		  ((q.vma_flags & HMM_PROCMAP_WRITABLE) ? PROT_WRITE : 0);
 	return 0;
@@ -280,13 +283,24 @@ int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write
 		*end = v.end;
 	/*
 	 * For events, before the pages are made present and the entries
-	 * committed (top of file). Registering a range registered with this
-	 * uffd already is a no-op; refused (a regular file, a user's own
-	 * uffd) or no uffd: mirrored without events.
+	 * committed (top of file): the range faulted, in whole (huge) pages,
+	 * not the whole mapping, which may hold unrelated allocations merged
+	 * into one anonymous mapping (thread stacks, an allocator's
+	 * metadata) whose unmaps would then all wait for our reader.
+	 * Registering a range registered with this uffd already is a no-op;
+	 * refused (a regular file, a user's own uffd) or no uffd: mirrored
+	 * without events.
 	 */
-	if (hmm->inplace_uffd >= 0)
-		hmm_uffd_register(hmm->inplace_uffd, (void *)v.start, v.end - v.start, HMM_UFFD_WP,
-				  NULL);
+	if (hmm->inplace_uffd >= 0) {
+		uintptr_t rs = a & ~(uintptr_t)(v.page_size - 1);
+		uintptr_t re = (*end + v.page_size - 1) & ~(uintptr_t)(v.page_size - 1);
+
+		if (rs < v.start)
+			rs = v.start;
+		if (re > v.end)
+			re = v.end;
+		hmm_uffd_register(hmm->inplace_uffd, (void *)rs, re - rs, HMM_UFFD_WP, NULL);
+	}
 	/* Waits for a user's own userfaultfd handler, as the CPU's access would. */
 	if (madvise((void *)a, *end - a, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ)) {
 		ret = -errno;
@@ -374,8 +388,17 @@ static void *inplace_thread(void *arg)
 
 		if (poll(pfd, 2, -1) <= 0)
 			continue;	/* EINTR */
-		if (pfd[1].revents)
+		if (pfd[1].revents) {
+			/*
+			 * Closed here, by the reader, before it exits: its exit
+			 * may unmap memory of its own (a stack, a sanitizer's
+			 * per-thread data) that a registered range covers, and
+			 * that unmap would wait for this very reader. The close
+			 * unregisters every range and releases any waiter.
+			 */
+			close(hmm->inplace_uffd);
 			break;
+		}
 		/* Reading releases the unmapper (uffd.h, hazard 1). */
 		while (hmm_uffd_read_msg(hmm->inplace_uffd, &msg) == 0) {
 			if (msg.event == UFFD_EVENT_UNMAP)
@@ -475,13 +498,10 @@ void hmm_inplace_stop(struct hmm *hmm)
 	if (hmm->inplace_running) {
 		if (write(hmm->inplace_stop_fd, &one, sizeof(one)) != sizeof(one))
 			abort();	/* an eventfd write of 1 cannot fail */
-		pthread_join(hmm->inplace_thread, NULL);
+		pthread_join(hmm->inplace_thread, NULL);	/* it closed the uffd */
 		hmm->inplace_running = false;
+		hmm->inplace_uffd = -1;
 	}
-	/*
-	 * Closing the uffd unregisters every range and releases a munmap()
-	 * that raced the reader's exit.
-	 */
 	if (hmm->inplace_uffd >= 0)
 		close(hmm->inplace_uffd);
 	if (hmm->inplace_stop_fd >= 0)
