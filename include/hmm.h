@@ -292,6 +292,37 @@ int hmm_device_lock(struct hmm *hmm, void *addr, size_t length, struct hmm_devic
  */
 int hmm_device_unlock(struct hmm *hmm, void *addr, size_t length);
 
+/* ---- Ordinary memory mirrored in place -------------------------------------- */
+
+/*
+ * Devices may use ordinary memory, which is not libhmm's (malloc'd, shared
+ * anonymous, file mappings, hugetlbfs), in place: hmm_mirror_fault() in
+ * hmm/device.h. It never migrates (hmm_migrate() and hmm_device_lock()
+ * there are -EFAULT, device atomics -EOPNOTSUPP). The core watches each
+ * mapping a device faults with a userfaultfd of its own (WP mode, never
+ * write-protecting anything; registering the range with another
+ * userfaultfd fails with EBUSY until it is unmapped or hmm_fini()), so a
+ * munmap() or mremap() of it drops the devices' entries on its own, just
+ * after the call returns (docs/mirrors.md, "Ordinary memory", says what a
+ * device may still do in between). It cannot watch mprotect(), nor any
+ * change to a mapping of a regular file (ext4...) or of a range registered
+ * with the user's own userfaultfd: for those, call hmm_inplace_invalidate()
+ * before the change.
+ */
+
+/*
+ * hmm_inplace_invalidate - every device drops its entries for the ordinary
+ * memory of [@addr, @addr + @length), waiting until no device access can use
+ * them (the mmu-notifier call a runtime makes before it unmaps, moves or
+ * reprotects memory devices may be using). A device that touches the range
+ * again faults it in again, as it is then. Pages no device maps, or not
+ * mapped at all, are fine.
+ * Return: 0; -EINVAL @hmm not live, unaligned @addr, zero or wrapping
+ * length, or a page in the range is libhmm memory (use hmm_munmap(),
+ * hmm_mprotect()).
+ */
+int hmm_inplace_invalidate(struct hmm *hmm, void *addr, size_t length);
+
 /* ---- Statistics ------------------------------------------------------------ */
 
 struct hmm_stats {

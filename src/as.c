@@ -413,11 +413,13 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 	if (ret)
 		goto fail_table;
 	hmm->uffd_features = features;
+	hmm_inplace_start(hmm);		/* ordinary memory mirrored in place (inplace.c) */
 	/* Live before the service starts: the SIGBUS handler looks it up. */
 	__atomic_store_n(&hmm_live, hmm, __ATOMIC_RELEASE);
 	ret = hmm_fault_service_start(hmm);
 	if (ret) {
 		__atomic_store_n(&hmm_live, NULL, __ATOMIC_RELEASE);
+		hmm_inplace_stop(hmm);
 		close(hmm->uffd);
 		goto fail_table;
 	}
@@ -449,6 +451,7 @@ int hmm_fini(struct hmm *hmm)
 	hmm_migrate_stop(hmm);		/* queued migrations finish first */
 	hmm_prefetch_stop(hmm);
 	hmm_fault_service_stop(hmm);
+	hmm_inplace_stop(hmm);		/* its events drop mirrors' entries: before they go */
 	hmm_mirror_reaper_stop(hmm);	/* hmm_mirror_release_all() below does its work */
 	pthread_mutex_lock(&hmm->lock);
 	hmm_region_destroy_all(hmm);	/* device pages freed with their regions */

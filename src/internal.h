@@ -45,6 +45,8 @@
  *      hmm.mig_lock     the asynchronous migration queue (leaf).
  *   5. hmm_devmem.lock  a device's memory allocator (leaf; devmem.h).
  *   6. page-table directory locks (pt.h), taken inside hmm_pt_update().
+ *      hmm.maps_lock    queries of /proc/self/maps (inplace.c; leaf, held
+ *                       for one ioctl, no other lock held).
  * Waiting for the fault thread to handle uffd events (hmm_events_settle(),
  * hmm_mmap() waiting for a stale region to go) is done holding nothing of
  * the above and outside read sections, and never by the fault thread.
@@ -220,6 +222,34 @@ struct hmm {
 	_Atomic uintptr_t prefetch_addr;	/* request: first block to bring home */
 	_Atomic uint32_t prefetch_seq;		/* futex word */
 	_Atomic(struct hmm_mig_share *) mig_share; /* request: half of a migration */
+
+	/*
+	 * Ordinary memory mirrored in place (inplace.c): a second userfaultfd on
+	 * which the ranges devices fault are registered (WP mode, nothing ever
+	 * write-protected) only for their UNMAP and REMAP events, and the
+	 * thread that reads and handles them; -1 / not running when the kernel
+	 * refused the uffd (ranges are then mirrored without events).
+	 * maps_lock serialises queries on @maps_fd (/proc/self/maps); a leaf.
+	 */
+	int inplace_uffd;
+	int inplace_stop_fd;
+	pthread_t inplace_thread;		/* reads the events, into the ring */
+	bool inplace_running;
+	pthread_t inplace_handler;		/* drops the entries they name */
+	bool inplace_handler_running;
+	int inplace_wake_fd;			/* eventfd: the ring has work, or stop */
+	atomic_bool inplace_stop;
+	/*
+	 * Unmapped ranges read but not yet handled: a single-producer,
+	 * single-consumer ring (the reader pushes, the handler pops); on
+	 * overflow the reader sets @inplace_overflow and the handler drops
+	 * every entry (inplace.c, "Why two threads").
+	 */
+	struct { uintptr_t start, end; } inplace_ring[64];
+	_Atomic unsigned int inplace_head, inplace_tail;
+	atomic_bool inplace_overflow;
+	int maps_fd;
+	pthread_mutex_t maps_lock;
 
 	struct hmm_counters stat;
 };
@@ -578,6 +608,37 @@ size_t hmm_dup_drop_range(struct hmm *hmm, uintptr_t start, uintptr_t end);
 size_t hmm_dup_evict(struct hmm *hmm, struct hmm_busy *b, struct hmm_mirror_core *mc);
 /* hmm_madvise(HMM_ADV_READ_MOSTLY / HMM_ADV_NORMAL) over [start, end). */
 int hmm_dup_advise(struct hmm *hmm, uintptr_t start, uintptr_t end, bool read_mostly);
+
+/* inplace.c: ordinary memory mirrored in place */
+
+/*
+ * Opens the in-place userfaultfd and starts its event thread, and opens
+ * /proc/self/maps. Neither is required: without the uffd, ranges are
+ * mirrored without events; without the maps file, no device fault on
+ * ordinary memory succeeds (-EFAULT). Context: hmm_init().
+ */
+void hmm_inplace_start(struct hmm *hmm);
+/* Stops the event thread and closes both. Context: hmm_fini(), before mirrors go. */
+void hmm_inplace_stop(struct hmm *hmm);
+/*
+ * F3 of a device fault on ordinary memory at @a (no libhmm region there):
+ * finds its mapping, checks @write against its protection, registers it
+ * for events, makes the pages of [@a, *@end) present (waiting for a user's
+ * own userfaultfd handler if need be), and fills @entry with in-place
+ * entries (HMM_DPTE_INPLACE, the address itself). *@end is clipped to the
+ * mapping. Return: 0; -EFAULT not mapped, PROT_NONE, or the pages cannot
+ * be made present (beyond a file's end, a device mapping); -EACCES a write
+ * to a read-only mapping; -EAGAIN the mapping changed under us, look again;
+ * -ENOMEM.
+ */
+int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write,
+			hmm_dpte_t *entry);
+/*
+ * The mapping holding @addr, if any, that is not libhmm's: its bounds and
+ * protection (PROT_READ / PROT_WRITE). Return: 0; -EFAULT none.
+ */
+int hmm_inplace_lookup(struct hmm *hmm, uintptr_t addr, uintptr_t *start, uintptr_t *end,
+		       int *prot);
 
 /* as.c */
 int hmm_fault_service_start(struct hmm *hmm);

@@ -1078,6 +1078,36 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 	return 0;
 }
 
+/*
+ * One round over ordinary memory at @a (no libhmm region there; inplace.c):
+ * the pages are mapped in place, where they are, and never migrate. The
+ * same collision-retry as libhmm memory: an event that unmaps the range
+ * between F2 and F4 makes the round back off. Return: 0 with [a, *next)
+ * mapped; -EAGAIN a new round; -EOPNOTSUPP an exclusive fault (device
+ * atomics on ordinary memory are not offered); hmm_inplace_prepare()'s and
+ * fault_commit()'s errors.
+ */
+static int inplace_round(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_t a,
+			 uintptr_t end, bool write, bool exclusive, struct fault_batch *fb,
+			 uintptr_t *next)
+{
+	struct hmm_range_node f;
+	int ret;
+
+	if (exclusive)
+		return -EOPNOTSUPP;
+	fault_register(hmm, &f, a, end);				/* F2 */
+	ret = hmm_inplace_prepare(hmm, a, &end, write, fb->entry);	/* F3 */
+	if (!ret) {
+		fb->start = a;
+		fb->n = (end - a) >> HMM_PAGE_SHIFT;
+		ret = fault_commit(mc, &f, fb);				/* F4 */
+	}
+	fault_unregister(hmm, &f);					/* F5 */
+	*next = end;
+	return ret;
+}
+
 /* The entry bits @s's protection gives; -EACCES if it forbids the access. */
 static int access_perm(const struct hmm_span *s, bool write, hmm_dpte_t *perm)
 {
@@ -1139,8 +1169,22 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			ret = 0;	/* a foreign mremap() may be moving memory here */
 			continue;
 		}
+		if (ret == -EFAULT) {
+			/* Not libhmm memory: ordinary memory, mapped in place. */
+			uintptr_t next;
+
+			ret = inplace_round(hmm, mc, a, batch_end, write, exclusive, fb, &next);
+			if (ret == -EAGAIN) {
+				ret = 0;
+				hmm_count(&mc->stat.fault_rounds, 1);
+				sched_yield();	/* a move's event, say, being handled */
+			} else if (!ret) {
+				a = next;
+			}
+			continue;	/* an error ends the loop: the pages before are mapped */
+		}
 		if (ret)
-			break;		/* -EFAULT: the pages before are mapped */
+			break;
 		ret = access_perm(&s, write, &perm);
 		if (ret) {
 			hmm_span_put(&s);

@@ -233,6 +233,10 @@
  *
  *   A device's mirror entry for a SHARED page never carries HMM_DPTE_WRITE:
  *   its write faults, and the fault collapses the page first.
+ *
+ * Ordinary memory that devices use in place (inplace.c) is not libhmm's: it
+ * has no logical entry and so no state here; the process's own page table
+ * is its state, and only the mirrors' entries (HMM_DPTE_INPLACE) are ours.
  */
 #ifndef HMM_PAGE_STATE_H
 #define HMM_PAGE_STATE_H

@@ -7,7 +7,8 @@
  * only a grace period after it is unpublished (mirror.c, "Lifetime"), so its
  * device pointer may be read inside the same section. A busy page is waited
  * for outside the section and read again: its owner is moving it, and the
- * entry it holds meanwhile says where it was, not where it is.
+ * entry it holds meanwhile says where it was, not where it is. A page of no
+ * region is looked up in the process's mappings, outside the section too.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -52,7 +53,9 @@ static bool snapshot_page(struct hmm *hmm, uintptr_t addr, struct hmm_snapshot_e
 int hmm_mirror_snapshot(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			struct hmm_snapshot_entry *out)
 {
+	uintptr_t in_start = 0, in_end = 0;	/* the last ordinary mapping looked up */
 	struct hmm_mirror_core *mc;
+	int in_prot = 0;
 	struct hmm *hmm;
 
 	if (!mirror || !out || !hmm_range_valid(start, end))
@@ -65,15 +68,31 @@ int hmm_mirror_snapshot(struct hmm_mirror *mirror, uintptr_t start, uintptr_t en
 		return -ENODEV;
 	}
 	for (uintptr_t a = start; a < end;) {
+		struct hmm_snapshot_entry *o = &out[(a - start) >> HMM_PAGE_SHIFT];
 		bool done;
 
 		hmm_rcu_read_lock();
-		done = snapshot_page(hmm, a, &out[(a - start) >> HMM_PAGE_SHIFT]);
+		done = snapshot_page(hmm, a, o);
 		hmm_rcu_read_unlock();
-		if (done)
-			a += HMM_PAGE_SIZE;
-		else
+		if (!done) {
 			hmm_busy_wait(hmm, a);
+			continue;
+		}
+		/*
+		 * Not libhmm's: ordinary memory, which devices use in place
+		 * (inplace.c), is HOST with its mapping's protection; the
+		 * mapping is looked up once for all its pages.
+		 */
+		if (o->state == HMM_SNAPSHOT_UNMAPPED) {
+			if (a < in_end && a >= in_start) {
+				o->state = HMM_SNAPSHOT_HOST;
+				o->prot = (uint8_t)in_prot;
+			} else if (!hmm_inplace_lookup(hmm, a, &in_start, &in_end, &in_prot)) {
+				o->state = HMM_SNAPSHOT_HOST;
+				o->prot = (uint8_t)in_prot;
+			}
+		}
+		a += HMM_PAGE_SIZE;
 	}
 	hmm_mirror_put(mc);
 	return 0;

@@ -814,6 +814,14 @@ static long do_mirror_fault(struct ctx *c, const struct args *a)
 		want = 2 * PAGE;	/* rw's two pages, before the gone one */
 	else
 		want = 0;
+	if (a->addr == A_FOREIGN) {
+		/* Ordinary memory: mapped in place, never in device memory. */
+		CHECK_EQ(hmm_device_mem_used(&c->fake->dev), 0);
+		if (a->m == M_OWN || a->m == M_SIM || a->m == M_MEMLESS)
+			CHECK_EQ(pages_mapped(m) - mapped, want / PAGE);
+		CHECK_EQ(hmm_inplace_invalidate(c->hmm, c->foreign, 2 * PAGE), 0);
+		return r;
+	}
 	if (a->m == M_OWN) {
 		CHECK_EQ(hmm_device_mem_used(&c->fake->dev), want);
 		CHECK_EQ(!!fake_translate(c->fake, (uintptr_t)c->rw), want != 0);
@@ -892,6 +900,12 @@ static long do_exclusive_check(struct ctx *c, const struct args *a)
 	return hmm_exclusive_check(h_of(c, a->h), (void *)addr_of(c, a->addr), len_of(a->len));
 }
 
+/* hmm_inplace_invalidate(): nothing to check after it but that devices fault again. */
+static long do_inplace_invalidate(struct ctx *c, const struct args *a)
+{
+	return hmm_inplace_invalidate(h_of(c, a->h), (void *)addr_of(c, a->addr), len_of(a->len));
+}
+
 /* hmm_mirror_stats_read(); a failure leaves *@stats alone. */
 static long do_mirror_stats(struct ctx *c, const struct args *a)
 {
@@ -921,7 +935,7 @@ static long do_mirror_fail(struct ctx *c, const struct args *a)
 	return r;
 }
 
-/* hmm_mirror_snapshot(); a page of ordinary memory is UNMAPPED, not an error. */
+/* hmm_mirror_snapshot(); a page of ordinary memory is HOST (used in place), not an error. */
 static long do_mirror_snapshot(struct ctx *c, const struct args *a)
 {
 	struct hmm_snapshot_entry out[4];
@@ -931,8 +945,10 @@ static long do_mirror_snapshot(struct ctx *c, const struct args *a)
 	memset(out, 0x5e, sizeof(out));
 	r = hmm_mirror_snapshot(mirror_of(c, a->m), start, start + len_of(a->len),
 				a->null_out ? NULL : out);
-	if (!r && a->addr == A_FOREIGN)
-		CHECK_EQ(out[0].state, HMM_SNAPSHOT_UNMAPPED);
+	if (!r && a->addr == A_FOREIGN) {
+		CHECK_EQ(out[0].state, HMM_SNAPSHOT_HOST);
+		CHECK_EQ(out[0].prot, PROT_READ | PROT_WRITE);
+	}
 	else if (!r)
 		CHECK(out[0].state == HMM_SNAPSHOT_HOST || out[0].state == HMM_SNAPSHOT_DEVICE ||
 		      out[0].state == HMM_SNAPSHOT_EMPTY);
@@ -1403,9 +1419,12 @@ static long do_migrate_async_released(struct ctx *c, const struct args *a)
 	CHECK_EQ(hmm_migrate(c->hmm, c->rw, PAGE, &gate->dev, 0, &first), 0);
 	CHECK_EQ(hmm_migrate(c->hmm, c->rw + PAGE, PAGE, &y->dev, 0, &moved), 0);
 	CHECK_EQ(pthread_create(&t, NULL, release_thread, &x), 0);
-	/* The release has begun once the mirror refuses faults (else: foreign memory). */
+	/*
+	 * The release has begun once the mirror refuses faults (until then it
+	 * maps the ordinary memory in place).
+	 */
 	while ((r = hmm_mirror_fault(&y->mirror, foreign, foreign + PAGE, 0)) != -ENODEV) {
-		CHECK_EQ(r, -EFAULT);
+		CHECK_EQ(r, 0);
 		sched_yield();
 	}
 	CHECK_EQ(atomic_load(&y->released), 0);	/* it waits for the queued move */
@@ -1647,9 +1666,12 @@ static const struct row rows[] = {
 	ROW("hmm_mirror_fault", "a copy of a registered mirror", do_mirror_fault, -ENODEV,
 	    .m = M_COPY),
 	ROW("hmm_mirror_fault", "NULL address", do_mirror_fault, -EFAULT, .addr = A_NULL),
-	ROW("hmm_mirror_fault", "foreign memory", do_mirror_fault, -EFAULT, .addr = A_FOREIGN),
-	ROW("hmm_mirror_fault", "foreign memory, memoryless mirror", do_mirror_fault, -EFAULT,
-	    .addr = A_FOREIGN, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "ordinary memory, in place (control)", do_mirror_fault, 0,
+	    .addr = A_FOREIGN),
+	ROW("hmm_mirror_fault", "ordinary memory, in place, memoryless mirror (control)",
+	    do_mirror_fault, 0, .addr = A_FOREIGN, .m = M_MEMLESS),
+	ROW("hmm_mirror_fault", "ordinary memory, in place, write (control)", do_mirror_fault, 0,
+	    .addr = A_FOREIGN, .flags = HMM_FAULT_WRITE, .m = M_SIM),
 	ROW("hmm_mirror_fault", "runs off the end of a mapping", do_mirror_fault, -EFAULT,
 	    .len = L_OFF_END),
 	ROW("hmm_mirror_fault", "unmapped memory", do_mirror_fault, -EFAULT, .addr = A_GONE),
@@ -1667,7 +1689,7 @@ static const struct row rows[] = {
 	    do_mirror_fault, -EACCES, .addr = A_RO, .flags = HMM_FAULT_EXCLUSIVE, .m = M_MEMLESS),
 	ROW("hmm_mirror_fault", "exclusive on read-only memory", do_mirror_fault, -EACCES,
 	    .addr = A_RO, .flags = HMM_FAULT_EXCLUSIVE),
-	ROW("hmm_mirror_fault", "exclusive, foreign memory", do_mirror_fault, -EFAULT,
+	ROW("hmm_mirror_fault", "exclusive, ordinary memory", do_mirror_fault, -EOPNOTSUPP,
 	    .addr = A_FOREIGN, .flags = HMM_FAULT_EXCLUSIVE, .m = M_MEMLESS),
 
 	/* hmm_exclusive_check */
@@ -1688,6 +1710,29 @@ static const struct row rows[] = {
 	    .len = L_OFF_END),
 	ROW("hmm_exclusive_check", "unmapped memory", do_exclusive_check, -EFAULT, .addr = A_GONE),
 	AFTER("hmm_exclusive_check", "after hmm_fini", do_exclusive_check, -EINVAL, .h = H_STALE),
+
+	/* hmm_inplace_invalidate */
+	ROW("hmm_inplace_invalidate", "ordinary memory (control)", do_inplace_invalidate, 0,
+	    .addr = A_FOREIGN),
+	ROW("hmm_inplace_invalidate", "unmapped memory (control)", do_inplace_invalidate, 0,
+	    .addr = A_NULL),
+	ROW("hmm_inplace_invalidate", "NULL hmm", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .h = H_NULL),
+	ROW("hmm_inplace_invalidate", "foreign hmm", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .h = H_FOREIGN),
+	ROW("hmm_inplace_invalidate", "zero length", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .len = L_ZERO),
+	ROW("hmm_inplace_invalidate", "unaligned address", do_inplace_invalidate, -EINVAL,
+	    .addr = A_RW_PLUS1),
+	ROW("hmm_inplace_invalidate", "unaligned length", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .len = L_PAGE_PLUS1),
+	ROW("hmm_inplace_invalidate", "wrapping length", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .len = L_WRAP),
+	ROW("hmm_inplace_invalidate", "SIZE_MAX length", do_inplace_invalidate, -EINVAL,
+	    .addr = A_FOREIGN, .len = L_MAX),
+	ROW("hmm_inplace_invalidate", "libhmm memory", do_inplace_invalidate, -EINVAL, 0),
+	AFTER("hmm_inplace_invalidate", "after hmm_fini", do_inplace_invalidate, -EINVAL,
+	      .addr = A_FOREIGN, .h = H_STALE),
 
 	/* hmm_device_lock */
 	ROW("hmm_device_lock", "valid (control)", do_device_lock, 0, .dev = D_SIM),
@@ -1790,8 +1835,8 @@ static const struct row rows[] = {
 	    .len = L_ZERO),
 	ROW("simdev_cmd_read", "range wraps", do_simdev_cmd, -EINVAL, .flags = CMD_READ,
 	    .len = L_WRAP),
-	ROW("simdev_cmd_read", "ordinary memory", do_simdev_cmd, -EFAULT, .flags = CMD_READ,
-	    .addr = A_FOREIGN),
+	ROW("simdev_cmd_read", "ordinary memory, in place (control)", do_simdev_cmd, 0,
+	    .flags = CMD_READ, .addr = A_FOREIGN),
 	ROW("simdev_cmd_read", "PROT_NONE", do_simdev_cmd, -EACCES, .flags = CMD_READ,
 	    .addr = A_NONE),
 	ROW("simdev_cmd_write", "read-only", do_simdev_cmd, -EACCES, .flags = CMD_WRITE,
@@ -1903,7 +1948,7 @@ static const struct row rows[] = {
 	    .op = OP_READ, .addr = A_FOREIGN, .len = L_ZERO),
 	ROW("simdev_read", "NULL address", do_access, -EFAULT,
 	    .op = OP_READ, .addr = A_NULL, .len = L_WORDS),
-	ROW("simdev_read", "foreign memory", do_access, -EFAULT,
+	ROW("simdev_read", "ordinary memory, in place (control)", do_access, 0,
 	    .op = OP_READ, .addr = A_FOREIGN, .len = L_WORDS),
 	ROW("simdev_read", "unmapped memory", do_access, -EFAULT,
 	    .op = OP_READ, .addr = A_GONE, .len = L_WORDS),
@@ -1916,7 +1961,7 @@ static const struct row rows[] = {
 	ROW("simdev_read", "NULL buffer", do_access, -EINVAL,
 	    .op = OP_READ, .len = L_WORDS, .null_out = true),
 	ROW("simdev_write", "valid (control)", do_access, 0, .op = OP_WRITE, .len = L_WORDS),
-	ROW("simdev_write", "foreign memory", do_access, -EFAULT,
+	ROW("simdev_write", "ordinary memory, in place (control)", do_access, 0,
 	    .op = OP_WRITE, .addr = A_FOREIGN, .len = L_WORDS),
 	ROW("simdev_write", "read-only memory", do_access, -EACCES,
 	    .op = OP_WRITE, .addr = A_RO, .len = L_WORDS),
@@ -1927,12 +1972,12 @@ static const struct row rows[] = {
 	ROW("simdev_load64", "valid (control)", do_access, 0, .op = OP_LOAD),
 	ROW("simdev_load64", "unaligned", do_access, -EINVAL, .op = OP_LOAD, .addr = A_RW_PLUS4),
 	ROW("simdev_load64", "NULL address", do_access, -EFAULT, .op = OP_LOAD, .addr = A_NULL),
-	ROW("simdev_load64", "foreign memory", do_access, -EFAULT,
+	ROW("simdev_load64", "ordinary memory, in place (control)", do_access, 0,
 	    .op = OP_LOAD, .addr = A_FOREIGN),
 	ROW("simdev_load64", "PROT_NONE memory", do_access, -EACCES, .op = OP_LOAD, .addr = A_NONE),
 	ROW("simdev_store64", "valid (control)", do_access, 0, .op = OP_STORE),
 	ROW("simdev_store64", "unaligned", do_access, -EINVAL, .op = OP_STORE, .addr = A_RW_PLUS4),
-	ROW("simdev_store64", "foreign memory", do_access, -EFAULT,
+	ROW("simdev_store64", "ordinary memory, in place (control)", do_access, 0,
 	    .op = OP_STORE, .addr = A_FOREIGN),
 	ROW("simdev_store64", "read-only memory", do_access, -EACCES, .op = OP_STORE, .addr = A_RO),
 	ROW("simdev_fetch_add64", "valid (control)", do_access, 0, .op = OP_ADD),
@@ -1944,7 +1989,8 @@ static const struct row rows[] = {
 	    .op = OP_ADD, .addr = A_RO),
 	ROW("simdev_cas64", "valid (control)", do_access, 0, .op = OP_CAS),
 	ROW("simdev_cas64", "unaligned", do_access, -EINVAL, .op = OP_CAS, .addr = A_RW_PLUS4),
-	ROW("simdev_cas64", "foreign memory", do_access, -EFAULT, .op = OP_CAS, .addr = A_FOREIGN),
+	ROW("simdev_cas64", "ordinary memory (no atomics there)", do_access, -EOPNOTSUPP,
+	    .op = OP_CAS, .addr = A_FOREIGN),
 	ROW("simdev_cas64", "read-only memory", do_access, -EACCES, .op = OP_CAS, .addr = A_RO),
 	ROW("simdev_cas64", "NULL expected", do_access, -EINVAL, .op = OP_CAS, .null_out = true),
 
@@ -1975,6 +2021,12 @@ static void setup(struct ctx *c, enum hmm_fault_mode mode)
 	c->rw = p;
 	c->gone = c->rw + 2 * PAGE;
 	CHECK_EQ(hmm_munmap(c->hmm, c->gone, PAGE), 0);
+	/*
+	 * Kept a hole: whatever the process mapped there next would be
+	 * ordinary memory, which devices use in place.
+	 */
+	CHECK(mmap(c->gone, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
+		   0) == c->gone);
 	for (size_t i = 0; i < 2 * PAGE / 8; i++)
 		((uint64_t *)c->rw)[i] = rw_word(i);
 	c->foreign = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -2029,6 +2081,7 @@ static void teardown(struct ctx *c)
 	CHECK_EQ(atomic_load(&c->dead.released), 1);
 	CHECK_EQ(atomic_load(&c->never.released), 0);
 	munmap(c->foreign, 2 * PAGE);
+	munmap(c->gone, PAGE);
 }
 
 static unsigned int run_phase(struct ctx *c, enum phase phase, unsigned int *disabled)

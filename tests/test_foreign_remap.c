@@ -630,6 +630,7 @@ static void move_under_reading_kernel(void)
 	char *spot[2] = { reserve(len), reserve(len) }, *p = mixed(len, salt);
 	struct reader rd = { .job = { .p = p, .from = 0, .to = len * 3 / 4, .salt = salt } };
 	pthread_t tid;
+	int taken = 0;
 
 	CHECK_EQ(pthread_create(&tid, NULL, reader_thread, &rd), 0);
 	/* 100 moves, and on until a few kernels have read the range whole (bounded). */
@@ -644,8 +645,10 @@ static void move_under_reading_kernel(void)
 		 */
 		spot[i & 1] = mmap(p, len, PROT_NONE,
 				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-		if (spot[i & 1] == MAP_FAILED)
+		if (spot[i & 1] == MAP_FAILED) {
+			taken++;
 			spot[i & 1] = reserve(len);
+		}
 		p = q;
 		if (i % 10 == 0)
 			cpu_check(p, 0, len * 3 / 4, salt, false);
@@ -656,7 +659,13 @@ static void move_under_reading_kernel(void)
 	}
 	atomic_store(&rd.stop, true);
 	CHECK_EQ(pthread_join(tid, NULL), 0);
-	CHECK_EQ(atomic_load(&rd.job.bad), 0);
+	/*
+	 * A kernel still reading the old address reads, in place, whatever
+	 * the process mapped there: only where no one did is it checked.
+	 */
+	fprintf(stderr, "    %d of the old spots were mapped by someone else first\n", taken);
+	if (!taken)
+		CHECK_EQ(atomic_load(&rd.job.bad), 0);
 	CHECK(atomic_load(&rd.runs) > 0);
 	fprintf(stderr, "    %ld kernels read it whole, %ld met a move\n", atomic_load(&rd.runs),
 		atomic_load(&rd.faults));

@@ -33,7 +33,14 @@
 #define CHUNK ((uint64_t)HMM_DEVICE_CHUNK_SIZE)
 
 /* Far from anything hmm_mmap() or malloc hands out: no page here is libhmm's. */
-#define VA ((uintptr_t)0x100000000000ul)
+/*
+ * Where the tests program entries by hand: a PROT_NONE reservation of ours,
+ * so that a miss the core serves finds nothing usable there (-EFAULT). A
+ * fixed address could be mapped ordinary memory (ASan's shadow), which
+ * devices now use in place.
+ */
+static uintptr_t va_reserved;
+#define VA va_reserved
 
 /*
  * Host entries come exclusive: kernels here do atomics on them, which simdev
@@ -1127,7 +1134,12 @@ static void destroy_after_fini(void)
 
 int main(void)
 {
+	void *va = mmap(NULL, 4u << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+			-1, 0);
 	int err = hmm_init(NULL, &hmm);
+
+	CHECK(va != MAP_FAILED);
+	va_reserved = ((uintptr_t)va + (2u << 20) - 1) & ~(uintptr_t)((2u << 20) - 1);
 
 	test_skip_without_uffd(err);
 	CHECK_EQ(err, 0);

@@ -44,6 +44,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -341,6 +342,66 @@ char *simdev_translate_nofault(struct simdev_thread *t, uintptr_t addr, bool wri
 
 /* ---- Accessors ---------------------------------------------------------------- */
 
+/*
+ * In-place pages (HMM_DPTE_INPLACE, device.h) are the process's own
+ * mappings of ordinary memory, which the process may unmap or reprotect
+ * under the device before the core drops the entry. A real device reaches
+ * them through an IOMMU, which reports an access to a page gone as a
+ * device fault; simdev, which shares the process, reaches them through the
+ * kernel: process_vm_readv/writev on its own pid copy through the page
+ * tables as they are now, respecting protections, and return EFAULT rather
+ * than raising SIGSEGV. Such a copy is not single-copy atomic, so word
+ * accesses there are only as atomic as the kernel's copy makes them, and
+ * atomics need the page exclusive, which ordinary memory never is (the
+ * core refuses with -EOPNOTSUPP).
+ */
+int simdev_inplace_copy(struct simdev *sd, uintptr_t addr, void *buf, size_t len, bool write)
+{
+	struct iovec local = { .iov_base = buf, .iov_len = len };
+	struct iovec remote = { .iov_base = (void *)addr, .iov_len = len };
+	ssize_t n = write ? process_vm_writev(sd->pid, &local, 1, &remote, 1, 0)
+			  : process_vm_readv(sd->pid, &local, 1, &remote, 1, 0);
+
+	return n == (ssize_t)len ? 0 : -EFAULT;
+}
+
+static inline bool tlb_inplace(const struct simdev_thread *t, uintptr_t addr)
+{
+	return t->tlb[(addr >> SIMDEV_PAGE_SHIFT) % SIMDEV_TLB_ENTRIES].dpte & HMM_DPTE_INPLACE;
+}
+
+/*
+ * One page's part of an access: translate, then copy. An in-place copy that
+ * fails is an MMU miss (the mapping changed under the entry): fault again
+ * and retry once; the fault's error, or -EFAULT if the copy fails again, is
+ * the access's. Return: 0; the thread's error.
+ */
+static int access_page(struct simdev_thread *t, uintptr_t addr, size_t n, bool write, char *out,
+		       const char *in)
+{
+	for (int retried = 0;; retried = 1) {
+		char *page = translate(t, addr, write);
+		int err;
+
+		if (!page)
+			return t->err;
+		if (simdev_likely(!tlb_inplace(t, addr))) {
+			if (write)
+				memcpy(page + (addr & PAGE_OFFSET_MASK), in, n);
+			else
+				memcpy(out, page + (addr & PAGE_OFFSET_MASK), n);
+			return 0;
+		}
+		if (!simdev_inplace_copy(t->sd, addr, write ? (void *)(uintptr_t)in : out, n, write))
+			return 0;
+		err = retried ? -EFAULT : mmu_fault(t, addr, write);
+		if (err) {
+			thread_fail(t, err);
+			return t->err;
+		}
+	}
+}
+
 /* Byte ranges: page by page, so each page is translated (and may fault) on its own. */
 static int access_bytes(struct simdev_thread *t, uintptr_t addr, size_t len, bool write,
 			char *out, const char *in)
@@ -354,17 +415,13 @@ static int access_bytes(struct simdev_thread *t, uintptr_t addr, size_t len, boo
 	while (len) {
 		size_t off = addr & PAGE_OFFSET_MASK;
 		size_t n = SIMDEV_PAGE_SIZE - off < len ? SIMDEV_PAGE_SIZE - off : len;
-		char *page = translate(t, addr, write);
 
-		if (!page)
+		if (access_page(t, addr, n, write, out, in))
 			return t->err;
-		if (write) {
-			memcpy(page + off, in, n);
+		if (write)
 			in += n;
-		} else {
-			memcpy(out, page + off, n);
+		else
 			out += n;
-		}
 		addr += n;
 		len -= n;
 	}
@@ -518,8 +575,12 @@ static bool cas_op(uint64_t cur, uint64_t *next, void *arg)
  */
 uint64_t simdev_load64(struct simdev_thread *t, uintptr_t addr)
 {
-	uint64_t *w = word(t, addr, false);
+	uint64_t *w = word(t, addr, false), v = 0;
 
+	if (w && simdev_unlikely(tlb_inplace(t, addr))) {
+		access_page(t, addr, sizeof(v), false, (char *)&v, NULL);
+		return v;
+	}
 	return w ? __atomic_load_n(w, __ATOMIC_ACQUIRE) : 0;
 }
 
@@ -527,7 +588,9 @@ void simdev_store64(struct simdev_thread *t, uintptr_t addr, uint64_t value)
 {
 	uint64_t *w = word(t, addr, true);
 
-	if (w)
+	if (w && simdev_unlikely(tlb_inplace(t, addr)))
+		access_page(t, addr, sizeof(value), true, NULL, (const char *)&value);
+	else if (w)
 		__atomic_store_n(w, value, __ATOMIC_RELEASE);
 }
 

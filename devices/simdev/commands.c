@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -49,7 +50,7 @@ static void cmd_kernel(struct simdev_thread *t, unsigned int index, unsigned int
 	struct simdev *sd = t->sd;
 	struct cmd *c = arg;
 	uintptr_t end = c->start + c->npages * SIMDEV_PAGE_SIZE;
-	size_t i = 0;
+	size_t i = 0, retried = SIZE_MAX;
 
 	(void)count;
 	if (index)
@@ -58,18 +59,36 @@ static void cmd_kernel(struct simdev_thread *t, unsigned int index, unsigned int
 		for (; i < c->npages; i++) {
 			uintptr_t a = c->start + i * SIMDEV_PAGE_SIZE;
 			char *page = simdev_translate_nofault(t, a, c->write);
+			char *buf = c->buf ? c->buf + i * SIMDEV_PAGE_SIZE : NULL;
 			uint64_t dpte;
 
 			if (!page)
 				break;
 			dpte = t->tlb[(a >> SIMDEV_PAGE_SHIFT) % SIMDEV_TLB_ENTRIES].dpte;
+			/*
+			 * In place (access.c): a copy that fails is a miss,
+			 * faulted once more; failing again, the page is gone.
+			 */
+			if ((dpte & HMM_DPTE_INPLACE) && buf &&
+			    simdev_inplace_copy(sd, a, buf, SIMDEV_PAGE_SIZE, c->write)) {
+				if (retried == i) {
+					c->err = -EFAULT;
+					break;
+				}
+				retried = i;
+				break;
+			}
 			if ((dpte & c->need) == c->need)
 				c->counted++;
-			if (c->buf && c->write)
-				memcpy(page, c->buf + i * SIMDEV_PAGE_SIZE, SIMDEV_PAGE_SIZE);
-			else if (c->buf)
-				memcpy(c->buf + i * SIMDEV_PAGE_SIZE, page, SIMDEV_PAGE_SIZE);
+			if (dpte & HMM_DPTE_INPLACE)
+				continue;
+			if (buf && c->write)
+				memcpy(page, buf, SIMDEV_PAGE_SIZE);
+			else if (buf)
+				memcpy(buf, page, SIMDEV_PAGE_SIZE);
 		}
+		if (c->err)
+			break;
 		if (i == c->npages || t->err)
 			break;
 		if (!c->fault) {

@@ -43,6 +43,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <hmm.h>
 #include <hmm/device.h>
@@ -214,6 +215,14 @@ struct simdev_thread {
  */
 char *simdev_translate_nofault(struct simdev_thread *t, uintptr_t addr, bool write);
 
+/*
+ * Copies @len bytes between @buf and the in-place page at @addr
+ * (HMM_DPTE_INPLACE), which must not cross a page, through the kernel:
+ * an unmapped address or one whose protection forbids the access gives
+ * -EFAULT, never a fault of the process (access.c). Return: 0; -EFAULT.
+ */
+int simdev_inplace_copy(struct simdev *sd, uintptr_t addr, void *buf, size_t len, bool write);
+
 /* Brackets a kernel, and a fault, on the calling device thread (access.c). */
 void simdev_thread_resume(struct simdev_thread *t);
 void simdev_thread_quiesce(struct simdev_thread *t);
@@ -289,6 +298,8 @@ struct simdev {
 	 */
 	atomic_flag rmw_lock[SIMDEV_RMW_LOCKS];
 	int pagemap_fd;
+	/* Our own process, for in-place pages (access.c, simdev_inplace_copy()). */
+	pid_t pid;
 
 	_Atomic unsigned int inject[SIMDEV_NR_INJECT];	/* armed counts */
 	/*

@@ -123,6 +123,7 @@ int simdev_create(struct hmm *hmm, const struct simdev_options *opts, struct sim
 		return -ENOMEM;
 	/* The exclusivity check of host atomics (access.c); none if unreadable. */
 	sd->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	sd->pid = getpid();
 	sd->nr_threads = o.threads;
 	sd->fault_bytes = o.fault_bytes;
 	atomic_init(&sd->engine.bytes_per_sec, o.dma_bytes_per_sec);

@@ -155,9 +155,24 @@ typedef uint64_t hmm_dpte_t;
  * entry for the device's own memory, which is exclusive by nature.
  */
 #define HMM_DPTE_EXCLUSIVE	(1ull << 4)
+/*
+ * Ordinary memory mirrored in place (hmm_mirror_fault(), "Placement"): the
+ * address is the page's own virtual address in the process, not a DMA-view
+ * frame, and the page is the process's mapping, which the process can
+ * unmap or reprotect under the device at any moment; the drop comes only
+ * after (a userfaultfd event), or never for mappings the core cannot watch
+ * (hmm_inplace_invalidate() in hmm.h). So the backend must reach such a
+ * page through a path that fails cleanly instead of faulting the process
+ * and that respects the mapping's protection (simdev: process_vm_readv/
+ * writev on its own pid; a DMA engine: an IOMMU mapping made per access,
+ * with the error reported as a device fault), and treat a failure as an
+ * MMU miss: fault again, and report the fault's error. Never set with
+ * HMM_DPTE_DEVICE or HMM_DPTE_EXCLUSIVE.
+ */
+#define HMM_DPTE_INPLACE	(1ull << 6)
 #define HMM_DPTE_ADDR_MASK	(~0xfffull)
 
-/* The page's address: a host frame's DMA-view address, or device memory. */
+/* The page's address: a host frame's DMA-view address, device memory, or in place. */
 static inline uint64_t hmm_dpte_addr(hmm_dpte_t e)
 {
 	return e & HMM_DPTE_ADDR_MASK;
@@ -181,6 +196,11 @@ static inline bool hmm_dpte_dirty(hmm_dpte_t e)
 static inline bool hmm_dpte_exclusive(hmm_dpte_t e)
 {
 	return e & HMM_DPTE_EXCLUSIVE;
+}
+
+static inline bool hmm_dpte_inplace(hmm_dpte_t e)
+{
+	return e & HMM_DPTE_INPLACE;
 }
 
 struct hmm_device;
@@ -379,6 +399,17 @@ int hmm_mirror_fail(struct hmm_mirror *mirror);
  * Placement: a device with memory gets the pages in its memory (zero-filled
  * there if never touched, migrated in otherwise, evicting least recently used
  * chunks when full); a memoryless device maps the host frames in place.
+ * Ordinary memory, which is not libhmm's (malloc'd, shared anonymous, a file
+ * mapping, hugetlbfs), is mapped in place for every device, with or without
+ * memory, and never migrates: the pages are made present where they are
+ * (MADV_POPULATE_READ/WRITE, which waits for a user's own userfaultfd
+ * handler if the range has one), and the entries carry HMM_DPTE_INPLACE and
+ * the pages' own addresses. WRITE follows the mapping's protection. A
+ * foreign munmap() or mremap() of such a range drops the entries
+ * (HMM_EVENT_MUNMAP) soon after the call returns; mprotect(), and any
+ * change to a regular file's mapping or to a range the user registered
+ * with a userfaultfd of their own, do not: see hmm_inplace_invalidate()
+ * (hmm.h) and docs/mirrors.md, "Ordinary memory".
  *
  * A fault that overlaps an invalidation (munmap, migration, protection
  * change...) never programs an entry the invalidation took away: it backs
@@ -407,9 +438,13 @@ int hmm_mirror_fail(struct hmm_mirror *mirror);
  * its exclusive pages back to the CPU.
  *
  * @flags: HMM_FAULT_WRITE if the access writes; HMM_FAULT_EXCLUSIVE above.
- * Return: 0 every page mapped; -EFAULT, -EACCES a page is not libhmm memory
- * or its protection forbids the access (an exclusive fault needs write):
- * the pages before it are mapped, in the same round; -EBUSY a page is
+ * Return: 0 every page mapped; -EFAULT a page is not mapped at all, or is
+ * ordinary memory mapped PROT_NONE or that cannot be made present (beyond
+ * a file's end, a mapping of device pages); -EACCES a page's protection
+ * forbids the access (an exclusive fault needs write; for ordinary memory,
+ * a write to a read-only mapping): for either, the pages before it are
+ * mapped, in the same round; -EOPNOTSUPP an exclusive fault on ordinary
+ * memory (device atomics there are not offered); -EBUSY a page is
  * locked in another device's memory (hmm_device_lock()); -ENOMEM device
  * memory full and nothing evictable; -EIO a copy failed, or the device has
  * failed (hmm_mirror_fail()); -EINVAL @mirror NULL, bad range or flags;
@@ -454,9 +489,10 @@ int hmm_mirror_stats_read(struct hmm_mirror *mirror, struct hmm_mirror_stats *st
 
 /* Where a page is, as hmm_mirror_snapshot() reports it. */
 enum hmm_snapshot_state {
-	HMM_SNAPSHOT_UNMAPPED,		/* not libhmm memory */
+	HMM_SNAPSHOT_UNMAPPED,		/* nothing mapped there */
 	HMM_SNAPSHOT_EMPTY,		/* never touched (or discarded): reads as zeros, no frame */
-	HMM_SNAPSHOT_HOST,		/* the data is in host memory: no copy to reach it */
+	HMM_SNAPSHOT_HOST,		/* the data is in host memory: no copy to reach it
+					 * (ordinary memory, used in place, is always HOST) */
 	HMM_SNAPSHOT_DEVICE,		/* the only copy is in @device's memory */
 };
 
@@ -472,7 +508,9 @@ struct hmm_snapshot_entry {
  * HMM_PFN_REQ_FAULT). @out receives (@end - @start) / 4096 entries. A page
  * that is busy (a migration or invalidation owns it) is waited for, so each
  * entry is a state the page was in during the call; the range as a whole is
- * not an atomic snapshot.
+ * not an atomic snapshot. A page of ordinary memory (not libhmm's) is HOST
+ * with its mapping's protection (PROT_NONE: prot 0), whether a device has
+ * faulted it or not; a page where nothing is mapped is UNMAPPED.
  * Return: 0; -EINVAL @mirror or @out NULL, @start or @end not page aligned,
  * an empty or wrapping range; -ENODEV @mirror is not registered (or released).
  * Context: any thread but a signal handler; no core lock held.

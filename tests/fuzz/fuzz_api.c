@@ -859,6 +859,21 @@ static void apply_write(const struct access *a, size_t len)
 	}
 }
 
+/*
+ * Does @a touch ordinary memory (mapped, not a piece)? Devices use it in
+ * place, so such an access works on whatever the process has mapped there
+ * (the harness's own memory, a DMA view), which the model cannot know.
+ */
+static bool touches_ordinary(const struct access *a)
+{
+	if (a->len > UINTPTR_MAX - a->addr)
+		return false;
+	for (uintptr_t p = a->addr & PAGE_MASK; p < a->addr + a->len && p < VA_END; p += PAGE)
+		if (piece_at(p) < 0 && !msync((void *)p, PAGE, MS_ASYNC))
+			return true;
+	return false;
+}
+
 static void op_kernel(struct input *in)
 {
 	static struct kernel_arg ka;
@@ -886,6 +901,12 @@ static void op_kernel(struct input *in)
 		 */
 		if (injected && a->type == DEV_WRITE && a->len > PAGE - (a->addr & ~PAGE_MASK))
 			a->len = PAGE - (a->addr & ~PAGE_MASK);
+		/*
+		 * Aimed at the NULL page instead (nothing mapped: -EFAULT);
+		 * tests/test_inplace.c covers ordinary memory.
+		 */
+		if (touches_ordinary(a))
+			a->addr &= ~PAGE_MASK;
 		for (size_t j = 0; j < a->len && a->type == DEV_WRITE; j++)
 			a->buf[j] = pattern(k, j);
 		a->failed = false;

@@ -47,12 +47,6 @@
 #include "hmm/device.h"
 #include "hmm/simdev.h"
 
-/*
- * A capability the core does not have yet (docs/hmm-tests.md): set to 1 when
- * it lands, and the scenarios that need it run instead of reporting pending.
- */
-#define HAVE_INPLACE_MIRROR	0	/* devices mirror malloc'd / file memory in place */
-
 #define PAGE		4096ul
 #define PAGE_SHIFT	12
 #define TWOMEG		(2ul << 20)
@@ -76,7 +70,6 @@ enum outcome { PASSED = 0, SKIPPED = 77, PENDING = 78 };
 		return PENDING;                                              \
 	} while (0)
 
-#define NEEDS_INPLACE	"in-place mirroring of ordinary memory (malloc'd, file-backed)"
 
 struct fixture {
 	struct hmm *hmm;
@@ -403,23 +396,23 @@ static int anon_write_child_shared(struct fixture *f)
 	size_t npages = BUFFER_PAGES, size = npages * PAGE;
 	struct simdev_cmd_result r;
 	int *ptr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	int *m = mirror_alloc(size), go[2], ret, status;
+	int *m = mirror_alloc(size), go[2], ready[2], ret, status;
 	pid_t pid;
+	char c;
 
 	CHECK(ptr != MAP_FAILED);
 	fill(ptr, size, 0, 1);
 	fill(m, size, 0, -1);
 	CHECK_EQ(pipe(go), 0);
+	CHECK_EQ(pipe(ready), 0);
 	pid = fork();
 	CHECK(pid >= 0);
 	if (pid == 0) {
-		char c;
-
 		/* The child sees the parent's values, then what the parent's device wrote. */
 		for (size_t i = 0; i < size / sizeof(int); i++)
 			if (ptr[i] != (int)i)
 				_exit(2);
-		if (read(go[0], &c, 1) != 1)
+		if (write(ready[1], "r", 1) != 1 || read(go[0], &c, 1) != 1)
 			_exit(3);
 		for (size_t i = 0; i < size / sizeof(int); i++)
 			if (ptr[i] != -(int)i)
@@ -427,14 +420,8 @@ static int anon_write_child_shared(struct fixture *f)
 		_exit(0);
 	}
 	/* Shared anonymous memory is not libhmm's: the device writes it in place. */
+	CHECK_EQ(read(ready[0], &c, 1), 1);
 	ret = hmm_write(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		kill(pid, SIGKILL);
-		waitpid(pid, &status, 0);
-		munmap(ptr, size);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
@@ -442,6 +429,10 @@ static int anon_write_child_shared(struct fixture *f)
 	CHECK_EQ(waitpid(pid, &status, 0), pid);
 	CHECK(WIFEXITED(status));
 	CHECK_EQ(WEXITSTATUS(status), 0);
+	for (int i = 0; i < 2; i++) {
+		close(go[i]);
+		close(ready[i]);
+	}
 	verify(ptr, size, 0, -1);
 	munmap(ptr, size);
 	free(m);
@@ -471,9 +462,7 @@ static int anon_write_hugetlbfs(struct fixture *f)
 	struct simdev_cmd_result r;
 	int *m, *ptr, ret;
 
-	/* hugetlbfs memory is not libhmm's: only the in-place path can reach it. */
-	if (!HAVE_INPLACE_MIRROR)
-		PENDING(NEEDS_INPLACE);
+	/* hugetlbfs memory is not libhmm's: the device writes it in place. */
 	ptr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB,
 		   -1, 0);
 	if (ptr == MAP_FAILED)
@@ -502,16 +491,12 @@ static int file_read(struct fixture *f)
 	ptr = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
 	CHECK(ptr != MAP_FAILED);
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
@@ -528,18 +513,14 @@ static int file_write(struct fixture *f)
 	CHECK(ptr != MAP_FAILED);
 	fill(m, size, 0, 1);
 	ret = hmm_write(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	CHECK_EQ(r.faults, 1);
 	verify(ptr, size, 0, 1);
 	CHECK_EQ(pread(fd, m, size, 0), (ssize_t)size);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
@@ -578,15 +559,11 @@ static int migrate_file_private(struct fixture *f)
 	verify(ptr, size, 0, 1);
 	/* What the device reads there, in place. */
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (ret == -EFAULT && !HAVE_INPLACE_MIRROR) {
-		munmap(ptr, size);
-		close(fd);
-		free(m);
-		PENDING(NEEDS_INPLACE);
-	}
 	CHECK_EQ(ret, 0);
 	CHECK_EQ(r.cpages, npages);
 	verify(m, size, 0, 1);
+	/* A regular file's mapping raises no unmap event: tell the devices first. */
+	CHECK_EQ(hmm_inplace_invalidate(f->hmm, ptr, size), 0);
 	munmap(ptr, size);
 	close(fd);
 	free(m);
@@ -1449,12 +1426,10 @@ static int userfaultfd_read(struct fixture *f)
 
 	/* The device reads pages that only the user's handler can supply. */
 	ret = hmm_read(f->dev[0], ptr, npages, m, &r);
-	if (!(ret == -EFAULT && !HAVE_INPLACE_MIRROR)) {
-		CHECK_EQ(ret, 0);
-		CHECK_EQ(r.cpages, npages);
-		for (size_t i = 0; i < size; i++)
-			CHECK_EQ(m[i], 0xab);
-	}
+	CHECK_EQ(ret, 0);
+	CHECK_EQ(r.cpages, npages);
+	for (size_t i = 0; i < size; i++)
+		CHECK_EQ(m[i], 0xab);
 	CHECK_EQ(write(h.stop, &one, sizeof(one)), (ssize_t)sizeof(one));
 	CHECK_EQ(pthread_join(t, NULL), 0);
 	close(h.stop);
@@ -1462,8 +1437,6 @@ static int userfaultfd_read(struct fixture *f)
 	munmap(ptr, size);
 	free(h.page);
 	free(m);
-	if (ret)
-		PENDING(NEEDS_INPLACE);
 	return PASSED;
 }
 
