@@ -26,7 +26,7 @@ OPS  ?= 1000000
 SEED ?= $(shell date +%s)
 TORTURE_FLAGS ?=
 
-.PHONY: all deps demo check check-asan check-tsan check-fuzz check-model check-all bench torture \
+.PHONY: all deps test-env demo check check-asan check-tsan check-fuzz check-model check-all bench torture \
 	install clean
 
 all: deps
@@ -35,6 +35,10 @@ all: deps
 
 deps:
 	@./scripts/install-deps.sh
+
+# What the tests want of the machine (a few huge pages), best effort.
+test-env:
+	@./scripts/test-env.sh
 
 demo: all
 	./$(BUILD)/examples/demo
@@ -45,13 +49,13 @@ define run_tests
 	cd $(1) && ctest --output-on-failure -j $(JOBS) $(3)
 endef
 
-check: deps
+check: deps test-env
 	$(call run_tests,$(BUILD),,)
 
-check-asan: deps
+check-asan: deps test-env
 	$(call run_tests,$(BUILD_ASAN),-DHMM_SANITIZE=address -DCMAKE_BUILD_TYPE=Debug,)
 
-check-tsan: deps
+check-tsan: deps test-env
 	$(call run_tests,$(BUILD_TSAN),-DHMM_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug,-L tsan)
 
 # tests/fuzz/fuzz_api for FUZZ_SECONDS (0: until stopped), starting from the
