@@ -69,26 +69,6 @@ static uintptr_t page_of(const struct hmm_busy *b, size_t i)
 	return b->start + (i << HMM_PAGE_SHIFT);
 }
 
-/* The span of @b's pages in @mask. Return: false if none. */
-static bool span_of(const struct hmm_busy *b, const uint64_t *mask, uintptr_t *start,
-		    uintptr_t *end)
-{
-	size_t n = npages(b), first = n, last = 0;
-
-	for (size_t i = 0; i < n; i++) {
-		if (hmm_bit_test(mask, i)) {
-			if (first == n)
-				first = i;
-			last = i;
-		}
-	}
-	if (first == n)
-		return false;
-	*start = page_of(b, first);
-	*end = page_of(b, last + 1);
-	return true;
-}
-
 /*
  * Write-protects (@wp) or write-enables the CPU view of every run of @b's
  * pages in @mask. Stops at the first failure. Return: 0; the ioctl's -errno
@@ -252,7 +232,7 @@ int hmm_dup_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
 		    hmm_pte_state(e) == HMM_PTE_DEVICE && hmm_pte_device(e) != mc->id)
 			hmm_bit_set(home, i);
 	}
-	if (span_of(b, home, &start, &end)) {
+	if (hmm_busy_mask_span(b, home, &start, &end)) {
 		uint64_t taken[MASK_WORDS];
 
 		/* The move sees only those pages; the others stay ours, untouched. */
@@ -282,7 +262,7 @@ int hmm_dup_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
 			nr++;
 		}
 	}
-	if (!span_of(b, dup, &start, &end))
+	if (!hmm_busy_mask_span(b, dup, &start, &end))
 		return 0;
 
 	/* Frames and table entries first: nothing has changed if they fail. */
@@ -296,7 +276,7 @@ int hmm_dup_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
 
 	hmm_inval_begin(hmm, &iv, start, end);
 	/* Nobody may write a HOST page once its copy is read: devices, then the CPU. */
-	if (span_of(b, prot, &start, &end))
+	if (hmm_busy_mask_span(b, prot, &start, &end))
 		hmm_inval_mirrors(hmm, start, end, HMM_EVENT_PROTECT, owner);
 	ret = cpu_protect(hmm, b, prot, true, NULL);
 	if (ret) {
@@ -355,7 +335,7 @@ int hmm_dup_collapse(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask,
 		if (hmm_busy_taken(b, i) && hmm_pte_state(b->new[i]) == HMM_PTE_SHARED &&
 		    (!mask || hmm_bit_test(mask, i)))
 			hmm_bit_set(sel, i);
-	if (!span_of(b, sel, &start, &end))
+	if (!hmm_busy_mask_span(b, sel, &start, &end))
 		return 0;
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_mirrors(hmm, start, end, HMM_EVENT_MIGRATE, owner);
@@ -390,7 +370,7 @@ size_t hmm_dup_evict(struct hmm *hmm, struct hmm_busy *b, struct hmm_mirror_core
 		if (hmm_busy_taken(b, i) && hmm_pte_state(b->new[i]) == HMM_PTE_SHARED &&
 		    !hmm_dup_frame(mc, page_of(b, i), &f))
 			hmm_bit_set(sel, i);
-	if (!span_of(b, sel, &start, &end))
+	if (!hmm_busy_mask_span(b, sel, &start, &end))
 		return 0;
 	/* SHARED stays SHARED with one copy fewer; the host frame has the data. */
 	hmm_inval_begin(hmm, &iv, start, end);

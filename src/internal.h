@@ -504,6 +504,13 @@ int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_pr
 int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end);
 
 /*
+ * The span [first, last page] of @b's pages selected by @mask (a bit per page
+ * of @b), as addresses. Return: false if none is.
+ */
+bool hmm_busy_mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t *start,
+			uintptr_t *end);
+
+/*
  * The device side of freeing [start, end), once no device maps it: the
  * frames of pages on devices and the copies of SHARED pages. Pages busy,
  * inside an invalidation.

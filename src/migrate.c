@@ -79,12 +79,8 @@ static bool is_on(hmm_pte_t e, unsigned int id)
 	return hmm_pte_state(e) == HMM_PTE_DEVICE && (!id || hmm_pte_device(e) == id);
 }
 
-/*
- * The span [first, last page] of @b's pages selected by @mask, as addresses.
- * Return: false if none is.
- */
-static bool mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t *start,
-		      uintptr_t *end)
+bool hmm_busy_mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_t *start,
+			uintptr_t *end)
 {
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT, first = n, last = 0;
 
@@ -462,7 +458,7 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	 * An invalidation (mirror.c) from here until the pages are committed:
 	 * device faults over these pages back off.
 	 */
-	if (!mask_span(b, drop, &drop_start, &drop_end)) {
+	if (!hmm_busy_mask_span(b, drop, &drop_start, &drop_end)) {
 		drop_start = b->start;
 		drop_end = b->start;	/* only zero-fills: nothing is mapped anywhere */
 	}
