@@ -418,17 +418,23 @@ static int mirror_release(struct hmm *hmm, struct hmm_mirror_core *mc)
 	}
 
 	/*
-	 * Every page home. Pages another thread moves meanwhile count as
-	 * progress too; a chunk that gives nothing back twice while nothing
-	 * else leaves holds a page we cannot copy.
+	 * Every page home. Pages another thread moves or frees meanwhile count
+	 * as progress too; a page the eviction cannot take may be on its way
+	 * out already (an munmap that has dropped the region but not yet freed
+	 * its frames), so a round without progress waits a little. A page that
+	 * gives nothing back for every chunk's two tries, and at least 100 ms,
+	 * is one we cannot copy.
 	 */
 	while ((used = hmm_devmem_pages_used(&mc->mem))) {
-		if (hmm_evict(hmm, mc, true) || hmm_devmem_pages_used(&mc->mem) < used)
+		if (hmm_evict(hmm, mc, true) || hmm_devmem_pages_used(&mc->mem) < used) {
 			stuck = 0;
-		else if (++stuck > 2 * (int)hmm_devmem_chunks(&mc->mem)) {
+			continue;
+		}
+		if (++stuck > 2 * (int)hmm_devmem_chunks(&mc->mem) && stuck > 100) {
 			atomic_store(&mc->dying, false);
 			return -EIO;
 		}
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 	}
 
 	hmm_spin_lock(&mc->pt_lock);

@@ -912,15 +912,24 @@ static void dead_device_copies_fail(void)
 	size_t len = MiB;
 	char *p = map(len);
 	struct hmm_mirror_stats st;
+	int ret = 0;
 
 	fill(p, len, 22);
 	CHECK_EQ(migrate(p, len, sd, false), 0);
 	inject(sd, SIMDEV_FAIL_COPY, LOTS);
 	CHECK_EQ(hmm_mirror_fail(simdev_mirror(sd)), 0);
-	usleep(50000);		/* the reaper tries, and fails */
+	/*
+	 * The reaper tries, and gives up after 100 ms without progress; while
+	 * it tries, the mirror is going (-ENODEV), then failed again (-EIO).
+	 */
+	for (int i = 0; i < 10000 && (ret = hmm_mirror_fault(simdev_mirror(sd), (uintptr_t)p,
+							      (uintptr_t)p + PAGE, 0)) != -EIO; i++) {
+		CHECK(ret == -ENODEV);
+		usleep(1000);
+	}
+	CHECK_EQ(ret, -EIO);
 	CHECK_EQ(hmm_mirror_stats_read(simdev_mirror(sd), &st), 0);
 	CHECK_EQ(used(sd), len);
-	CHECK_EQ(hmm_mirror_fault(simdev_mirror(sd), (uintptr_t)p, (uintptr_t)p + PAGE, 0), -EIO);
 	CHECK_EQ(hmm_migrate(hmm, p, len, simdev_device(sd), 0, NULL), -EIO);
 	inject(sd, SIMDEV_FAIL_COPY, 0);
 	CHECK_EQ(hmm_mirror_unregister(simdev_mirror(sd)), 0);
