@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -106,9 +107,17 @@ int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end)
 	 * view registered with our userfaultfd (-ENOENT), and while an event
 	 * is unread (-EAGAIN: the kernel counts the mapping as changing).
 	 */
-	int ret = hmm_uffd_writeprotect(hmm->uffd, (void *)start, end - start, 0,
-					HMM_UFFD_DONTWAKE);
+	int ret, tries = 0;
 
+	/*
+	 * -EAGAIN lasts until the fault thread reads the event, which is
+	 * often about memory elsewhere: try again for a while (~2 ms) rather
+	 * than fail the move. Not until the event is handled: its handling may
+	 * wait for pages we hold.
+	 */
+	while ((ret = hmm_uffd_writeprotect(hmm->uffd, (void *)start, end - start, 0,
+					    HMM_UFFD_DONTWAKE)) == -EAGAIN && tries++ < 200)
+		nanosleep(&(struct timespec){ .tv_nsec = 10000 }, NULL);
 	if (ret == -ENOENT || ret == -EAGAIN)
 		return -EAGAIN;
 	/* No uffd event: the core does not ask for REMOVE events (docs/cpu-faults.md). */
