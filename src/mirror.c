@@ -972,51 +972,50 @@ static int zap_cpu_pages(struct hmm *hmm, const struct hmm_busy *b, const uint64
  * (HMM_EVENT_EXCLUSIVE, every mirror, this one too), and HOST pages going
  * exclusive are zapped from the CPU view.
  */
+/* Is @e exclusive to a mirror other than @mc? */
+static bool exclusive_to_other(hmm_pte_t e, const struct hmm_mirror_core *mc)
+{
+	return hmm_pte_state(e) == HMM_PTE_EXCLUSIVE && hmm_pte_device(e) != mc->id;
+}
+
 static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_busy *b,
 			    bool exclusive)
 {
 	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
-	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT, first = n, last = 0;
-	hmm_pte_t prior[HMM_BATCH_PAGES];
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
 	struct hmm_range_node iv;
-	int ret;
+	uintptr_t start, end;
 
-	memcpy(prior, b->new, n * sizeof(prior[0]));
+	for (size_t i = 0; i < n; i++) {
+		bool host = hmm_pte_state(b->new[i]) == HMM_PTE_HOST;
+		bool other = exclusive_to_other(b->new[i], mc);
+
+		if ((exclusive && host) || other)
+			hmm_bit_set(drop, i);
+		if (exclusive && host)
+			hmm_bit_set(zap, i);
+	}
+	if (hmm_busy_mask_span(b, drop, &start, &end)) {
+		int ret;
+
+		hmm_inval_begin(hmm, &iv, start, end);
+		hmm_inval_mirrors(hmm, start, end, HMM_EVENT_EXCLUSIVE, mc->dev);
+		ret = zap_cpu_pages(hmm, b, zap);
+		hmm_inval_end(hmm, &iv);
+		if (ret)
+			return ret;	/* the pages stay as they were; their entries are gone: harmless */
+	}
 	for (size_t i = 0; i < n; i++) {
 		hmm_pte_t e = b->new[i];
-		enum hmm_pte_state st = hmm_pte_state(e);
-		bool other = st == HMM_PTE_EXCLUSIVE && hmm_pte_device(e) != mc->id;
 
-		if (exclusive && (st == HMM_PTE_HOST || other)) {
-			hmm_bit_set(drop, i);
-			if (st == HMM_PTE_HOST)
-				hmm_bit_set(zap, i);
-		} else if (!exclusive && other) {
-			hmm_bit_set(drop, i);
-		}
-		if (hmm_bit_test(drop, i)) {
-			if (first == n)
-				first = i;
-			last = i;
-		}
 		if (exclusive)
 			b->new[i] = hmm_pte_make(HMM_PTE_EXCLUSIVE, mc->id, 0, hmm_pte_keep_flags(e));
-		else if (other)
+		else if (exclusive_to_other(e, mc))
 			b->new[i] = hmm_pte_make(HMM_PTE_HOST, 0, 0, hmm_pte_keep_flags(e));
 	}
 	if (exclusive)
 		atomic_store(&mc->pinned, true);
-	if (first == n)
-		return 0;
-	hmm_inval_begin(hmm, &iv, b->start + (first << HMM_PAGE_SHIFT),
-			b->start + ((last + 1) << HMM_PAGE_SHIFT));
-	hmm_inval_mirrors(hmm, iv.start, iv.end, HMM_EVENT_EXCLUSIVE, mc->dev);
-	ret = zap_cpu_pages(hmm, b, zap);
-	if (ret)
-		/* The pages stay as they were (their entries are gone: harmless). */
-		memcpy(b->new, prior, n * sizeof(prior[0]));
-	hmm_inval_end(hmm, &iv);
-	return ret;
+	return 0;
 }
 
 /*

@@ -284,7 +284,11 @@ hmm_pt_update_inline(struct hmm_pt *pt, uintptr_t start, uintptr_t end, unsigned
 		ret = hmm_pt_run_begin(pt, a, end, present_only, &run);
 		if (ret < 0)
 			break;
-		for (uintptr_t x = a; ret && x < run.end; x += HMM_PAGE_SIZE) {
+		if (ret == 0) {		/* no leaf there: nothing present to update */
+			a = run.end;
+			continue;
+		}
+		for (uintptr_t x = a; x < run.end; x += HMM_PAGE_SIZE) {
 			_Atomic uint64_t *slot = run.slot + ((x - a) >> HMM_PAGE_SHIFT);
 			hmm_pte_t old = atomic_load_explicit(slot, memory_order_relaxed), new;
 
@@ -296,8 +300,7 @@ hmm_pt_update_inline(struct hmm_pt *pt, uintptr_t start, uintptr_t end, unsigned
 			atomic_store_explicit(slot, new, memory_order_release);
 			delta += (long)!old - (long)!new;
 		}
-		if (ret)
-			hmm_pt_run_end(pt, &run, delta);
+		hmm_pt_run_end(pt, &run, delta);
 		a = run.end;
 	}
 	hmm_pt_run_finish(pt, &run);
