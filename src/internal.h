@@ -485,12 +485,6 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
  */
 int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot);
 /*
- * For [start, end), whose pages the caller holds busy: invalidates every
- * mirror's entries with @type (MUNMAP, DISCARD or PROTECT) and waits; for
- * MUNMAP and DISCARD also frees the device frames of pages on devices (the
- * caller then clears the entries).
- */
-/*
  * hmm_cpu_view_zap - drop the CPU view's PTEs of [start, end) (MADV_DONTNEED:
  * the data stays in the memfd; the next access faults), but only while the
  * range is still our registered view: after a foreign munmap() the address is
@@ -516,6 +510,12 @@ bool hmm_busy_mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_
  * inside an invalidation.
  */
 void hmm_free_device_frames(struct hmm *hmm, uintptr_t start, uintptr_t end);
+/*
+ * For [start, end), whose pages the caller holds busy: invalidates every
+ * mirror's entries with @type (MUNMAP, DISCARD or PROTECT) and waits; for
+ * MUNMAP and DISCARD also frees the device frames of pages on devices (the
+ * caller then clears the entries).
+ */
 void hmm_release_device_pages(struct hmm *hmm, uintptr_t start, uintptr_t end,
 			      enum hmm_event_type type);
 /*
