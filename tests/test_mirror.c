@@ -10,6 +10,10 @@
  *     inside update(): addresses, permissions, device or host;
  *   - hmm_mirror_fault() over a range whose tail is not libhmm memory: the
  *     head is mapped in one round, -EFAULT;
+ *   - a fault over a block of which the device holds some pages drops the
+ *     entries of the pages that change hands and no others (the pages it
+ *     holds keep theirs), for a device with memory and for a memoryless
+ *     one's exclusive fault;
  *   - dirty reporting: pages a simdev kernel wrote are reported and marked
  *     dirty when their entries go, pages it only read are not;
  *   - a memoryless simdev: host frames in place, nothing migrates to it,
@@ -512,6 +516,181 @@ static void fault_missing_tail_maps_head_in_one_round(void)
 	stop();
 }
 
+/* ---- Drops: only the pages that change hands ----------------------------------- */
+
+/*
+ * Fake devices whose update() notes, for every drop, which pages of the
+ * window it found entries for (read with hmm_mirror_walk(), before the core
+ * clears them): keep_dropped[d][i] for device keep_dev[d] and page i.
+ */
+#define KEEP_PAGES 8
+static struct fake_device *keep_dev[2];
+static int keep_dropped[2][KEEP_PAGES];
+
+static int keep_fn(void *arg, uintptr_t addr, hmm_dpte_t e)
+{
+	int *dropped = arg;
+	size_t i = (addr - keep_dev[0]->window) / PAGE;
+
+	(void)e;
+	if (addr >= keep_dev[0]->window && i < KEEP_PAGES)
+		dropped[i]++;
+	return 0;
+}
+
+static int keep_update(struct hmm_mirror *m, const struct hmm_event *ev, struct hmm_fence **f)
+{
+	int d = keep_dev[1] && m->device == &keep_dev[1]->dev;
+
+	if (hmm_event_is_drop(ev->type))
+		hmm_mirror_walk(m, ev->start, ev->end, keep_fn, keep_dropped[d]);
+	return fake_update(m, ev, f);
+}
+
+static const struct hmm_device_ops keep_ops = {
+	.update = keep_update,
+	.mem_alloc = fake_mem_alloc,
+	.mem_free = fake_mem_free,
+	.copy = fake_copy,
+	.release = fake_release,
+};
+
+static const struct hmm_device_ops keep_memoryless_ops = {
+	.update = keep_update,
+	.release = fake_release,
+};
+
+static struct fake_device *keep_new(unsigned int d, bool memoryless)
+{
+	struct fake_device *fd = fake_new(memoryless ? 0 : 1);
+
+	fd->dev.ops = memoryless ? &keep_memoryless_ops : &keep_ops;
+	keep_dev[d] = fd;
+	memset(keep_dropped[d], 0, sizeof(keep_dropped[d]));
+	fake_attach(hmm, fd);
+	return fd;
+}
+
+static void keep_free(struct fake_device *fd)
+{
+	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
+	fake_free(fd);
+}
+
+/*
+ * A device faults a block of which it holds some pages already (taken one
+ * at a time, as simdev does when the block's fault failed: it reached below
+ * the region, where nothing was mapped yet). The other pages move to it, and
+ * their host frames' entries go (a memoryless device maps them); the pages
+ * it holds stay, and so do its entries for them: no drop reaches it.
+ */
+static void fault_keeps_entries_of_pages_held(void)
+{
+	struct fake_device *dev, *ml;
+	uint64_t *p, *held[KEEP_PAGES] = { 0 };
+	uintptr_t a;
+	int drops;
+
+	start();
+	keep_dev[1] = NULL;
+	dev = keep_new(0, false);
+	ml = keep_new(1, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	a = (uintptr_t)p;
+	dev->window = ml->window = a;
+	fill(p, KEEP_PAGES, 1);
+
+	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
+	for (size_t i = 1; i < 5; i += 2) {
+		CHECK_EQ(hmm_mirror_fault(&dev->mirror, a + i * PAGE, a + (i + 1) * PAGE,
+					  HMM_FAULT_WRITE), 0);
+		held[i] = (uint64_t *)fake_translate(dev, a + i * PAGE);
+		CHECK(held[i]);
+		held[i][0] = word(i, 0, 2);	/* the device writes it */
+	}
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(keep_dropped[0][i], 0);
+		CHECK_EQ(keep_dropped[1][i], i == 1 || i == 3);	/* moved: host entry gone */
+	}
+
+	drops = atomic_load(&dev->drops);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
+	CHECK_EQ(atomic_load(&dev->drops), drops);
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		uint64_t *d = (uint64_t *)fake_translate(dev, a + i * PAGE);
+
+		CHECK_EQ(keep_dropped[0][i], 0);
+		CHECK_EQ(keep_dropped[1][i], 1);
+		CHECK_EQ_U64(ml->entry[i], 0);
+		CHECK(d);
+		if (held[i])
+			CHECK(d == held[i]);
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(d[w], word(i, w, held[i] && !w ? 2 : 1));
+	}
+
+	CHECK_EQ(hmm_migrate(hmm, p, KEEP_PAGES * PAGE, NULL, 0, NULL), 0);
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(keep_dropped[0][i], 1);
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, held[i] && !w ? 2 : 1));
+	}
+	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
+	keep_free(ml);
+	keep_free(dev);
+	keep_dev[0] = keep_dev[1] = NULL;
+	stop();
+}
+
+/*
+ * A memoryless device maps every page of a block, holds two of them
+ * exclusive, then asks for the whole block exclusive: its entries for the
+ * other pages are dropped (they change hands), a drop per run between the
+ * two it holds, and those two keep theirs.
+ */
+static void exclusive_fault_keeps_entries_of_pages_held(void)
+{
+	struct fake_device *ml;
+	uint64_t *p;
+	uintptr_t a;
+	int drops;
+
+	start();
+	keep_dev[1] = NULL;
+	ml = keep_new(0, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	a = (uintptr_t)p;
+	ml->window = a;
+	fill(p, KEEP_PAGES, 1);
+
+	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
+	for (size_t i = 1; i < 5; i += 2) {
+		CHECK_EQ(hmm_mirror_fault(&ml->mirror, a + i * PAGE, a + (i + 1) * PAGE,
+					  HMM_FAULT_EXCLUSIVE), 0);
+		CHECK(ml->entry[i] & HMM_DPTE_EXCLUSIVE);
+	}
+	memset(keep_dropped[0], 0, sizeof(keep_dropped[0]));
+
+	drops = atomic_load(&ml->drops);
+	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, HMM_FAULT_EXCLUSIVE), 0);
+	CHECK_EQ(atomic_load(&ml->drops) - drops, 3);	/* [0, 1), [2, 3), [4, 8) */
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		const uint64_t *d = (const uint64_t *)(uintptr_t)hmm_dpte_addr(ml->entry[i]);
+
+		CHECK_EQ(keep_dropped[0][i], i != 1 && i != 3);
+		CHECK(ml->entry[i] & HMM_DPTE_EXCLUSIVE);
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(d[w], word(i, w, 1));
+	}
+
+	/* The CPU takes them back. */
+	verify(p, KEEP_PAGES, 1);
+	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
+	keep_free(ml);
+	keep_dev[0] = NULL;
+	stop();
+}
+
 /* ---- Dirty ----------------------------------------------------------------------------- */
 
 /*
@@ -822,6 +1001,8 @@ static void all(enum hmm_fault_mode m)
 	RUN(walk_entries_match_fault_device_memory);
 	RUN(walk_entries_match_fault_memoryless);
 	RUN(fault_missing_tail_maps_head_in_one_round);
+	RUN(fault_keeps_entries_of_pages_held);
+	RUN(exclusive_fault_keeps_entries_of_pages_held);
 	RUN(dirty_written_pages_device_memory);
 	RUN(dirty_written_pages_memoryless);
 	RUN(memoryless_kernels_share_host_frames);
