@@ -15,7 +15,8 @@
  *     holds keep theirs), for a device with memory and for a memoryless
  *     one's exclusive fault;
  *   - dirty reporting: pages a simdev kernel wrote are reported and marked
- *     dirty when their entries go, pages it only read are not;
+ *     dirty when their entries go, pages it only read are not, also when
+ *     the fault block of the region's first pages reaches below it;
  *   - a memoryless simdev: host frames in place, nothing migrates to it,
  *     pages on another device come home when it faults them.
  *
@@ -827,6 +828,112 @@ static void dirty_written_pages_device_memory(void)
 }
 
 /*
+ * The shape behind this test's one-in-40 failure, made deterministic:
+ * simdev faults a 64 KiB block (its default), and for the region's first
+ * pages the block reaches below the region. Below it, down to the block's
+ * start, a PROT_NONE reservation makes the block's fault fail (-EFAULT), so
+ * the device takes the pages it touches one at a time (1 and 3); then the
+ * memory below becomes read-write (it is in-place memory from then on) and
+ * the next block fault maps it in place and moves the block's other pages.
+ * The pages the device holds keep their entries: no drop finds one until
+ * the migration home, and each page's write is reported exactly once.
+ */
+#define BLOCK (64ul << 10)
+
+struct touch_job {
+	uint64_t *p;
+	unsigned int pages;		/* bit i: read page i */
+	atomic_int bad;
+};
+
+static void touch_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
+{
+	struct touch_job *job = arg;
+
+	for (unsigned int i = idx; i < 32; i += n)
+		if ((job->pages & 1u << i) &&
+		    simdev_load64(t, (uintptr_t)&job->p[i * WORDS]) != word(i, 0, 1))
+			atomic_fetch_add(&job->bad, 1);
+}
+
+/*
+ * A region whose first block reaches 1 to 11 pages below it, onto @below
+ * (PROT_NONE); its size in *pages, from 16 to DIRTY_PAGES - 1. Each try
+ * maps one more page than the last, so that regions landing one under the
+ * other start at different offsets in their block.
+ */
+static uint64_t *map_above_reservation(size_t *pages, void **below)
+{
+	void *aside[DIRTY_PAGES - 16];
+	uint64_t *p = NULL;
+	int n = 0;
+
+	for (; n < DIRTY_PAGES - 16; n++) {
+		size_t len = (16 + (size_t)n) * PAGE;
+		uintptr_t a, blk;
+
+		CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, &aside[n]), 0);
+		a = (uintptr_t)aside[n];
+		blk = a & ~(BLOCK - 1);
+		*below = MAP_FAILED;
+		if (a - blk >= PAGE && a - blk <= BLOCK - 5 * PAGE)
+			*below = mmap((void *)blk, a - blk, PROT_NONE,
+				      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+		if (*below == (void *)blk) {
+			p = aside[n];
+			*pages = 16 + (size_t)n;
+			break;
+		}
+		if (*below != MAP_FAILED)
+			CHECK_EQ(munmap(*below, a - blk), 0);	/* a kernel that took it as a hint */
+	}
+	CHECK(p);
+	while (n--)
+		CHECK_EQ(hmm_munmap(hmm, aside[n], (16 + (size_t)n) * PAGE), 0);
+	return p;
+}
+
+static void dirty_fault_block_reaching_below_region(void)
+{
+	struct touch_job touch = { .pages = 1u << 1 | 1u << 3 };
+	struct rw_job job = { 0 };
+	size_t pages, below_len;
+	struct simdev *sd;
+	void *below;
+
+	start();
+	sd = dirty_watched(0);
+	job.p = touch.p = map_above_reservation(&pages, &below);
+	job.pages = pages;
+	below_len = (uintptr_t)job.p - (uintptr_t)below;
+	dw.base = (uintptr_t)job.p;
+	fill(job.p, pages, 1);
+
+	CHECK_EQ(simdev_run(sd, touch_kernel, &touch), 0);
+	CHECK_EQ(atomic_load(&touch.bad), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), 2 * PAGE);	/* pages 1 and 3 alone */
+
+	CHECK_EQ(mprotect(below, below_len, PROT_READ | PROT_WRITE), 0);
+	CHECK_EQ(simdev_run(sd, rw_kernel, &job), 0);
+	CHECK_EQ(atomic_load(&job.bad), 0);
+	CHECK_EQ(hmm_device_mem_used(simdev_device(sd)), pages * PAGE);
+	for (size_t i = 0; i < pages; i++)
+		CHECK_EQ(dw.dropped[i], 0);
+
+	CHECK_EQ(hmm_migrate(hmm, job.p, pages * PAGE, NULL, 0, NULL), 0);
+	for (size_t i = 0; i < pages; i++) {
+		CHECK_EQ(dw.dropped[i], 1);
+		CHECK_EQ(dw.reported[i], written(i));
+		CHECK_EQ(page_dirty(job.p, i), written(i));
+	}
+	expect_written(job.p, 0, pages);
+	CHECK_EQ(munmap(below, below_len), 0);
+	CHECK_EQ(hmm_munmap(hmm, job.p, pages * PAGE), 0);
+	simdev_done(sd);
+	stop();
+}
+
+/*
  * Memoryless: the device writes host frames in place. The first half is
  * unmapped (its report comes with the MUNMAP drop, the pages are gone),
  * the second made read-only (PROTECT drop, the pages stay, marked).
@@ -1004,6 +1111,7 @@ static void all(enum hmm_fault_mode m)
 	RUN(fault_keeps_entries_of_pages_held);
 	RUN(exclusive_fault_keeps_entries_of_pages_held);
 	RUN(dirty_written_pages_device_memory);
+	RUN(dirty_fault_block_reaching_below_region);
 	RUN(dirty_written_pages_memoryless);
 	RUN(memoryless_kernels_share_host_frames);
 	RUN(memoryless_fault_brings_device_pages_home);
