@@ -526,16 +526,16 @@ static void fault_missing_tail_maps_head_in_one_round(void)
  */
 #define KEEP_PAGES 8
 static struct fake_device *keep_dev[2];
-static int keep_dropped[2][KEEP_PAGES];
+static atomic_int keep_dropped[2][KEEP_PAGES];	/* written by whichever thread drops */
 
 static int keep_fn(void *arg, uintptr_t addr, hmm_dpte_t e)
 {
-	int *dropped = arg;
+	atomic_int *dropped = arg;
 	size_t i = (addr - keep_dev[0]->window) / PAGE;
 
 	(void)e;
 	if (addr >= keep_dev[0]->window && i < KEEP_PAGES)
-		dropped[i]++;
+		atomic_fetch_add(&dropped[i], 1);
 	return 0;
 }
 
@@ -567,9 +567,21 @@ static struct fake_device *keep_new(unsigned int d, bool memoryless)
 
 	fd->dev.ops = memoryless ? &keep_memoryless_ops : &keep_ops;
 	keep_dev[d] = fd;
-	memset(keep_dropped[d], 0, sizeof(keep_dropped[d]));
+	for (size_t i = 0; i < KEEP_PAGES; i++)
+		atomic_store(&keep_dropped[d][i], 0);
 	fake_attach(hmm, fd);
 	return fd;
+}
+
+/* @fd's entry for page @i of its window, as its MMU has it. */
+static hmm_dpte_t keep_entry(struct fake_device *fd, size_t i)
+{
+	hmm_dpte_t e;
+
+	pthread_mutex_lock(&fd->lock);
+	e = fd->entry[i];
+	pthread_mutex_unlock(&fd->lock);
+	return e;
 }
 
 static void keep_free(struct fake_device *fd)
@@ -610,8 +622,8 @@ static void fault_keeps_entries_of_pages_held(void)
 		held[i][0] = word(i, 0, 2);	/* the device writes it */
 	}
 	for (size_t i = 0; i < KEEP_PAGES; i++) {
-		CHECK_EQ(keep_dropped[0][i], 0);
-		CHECK_EQ(keep_dropped[1][i], i == 1 || i == 3);	/* moved: host entry gone */
+		CHECK_EQ(atomic_load(&keep_dropped[0][i]), 0);
+		CHECK_EQ(atomic_load(&keep_dropped[1][i]), i == 1 || i == 3);	/* moved: host entry gone */
 	}
 
 	drops = atomic_load(&dev->drops);
@@ -620,9 +632,9 @@ static void fault_keeps_entries_of_pages_held(void)
 	for (size_t i = 0; i < KEEP_PAGES; i++) {
 		uint64_t *d = (uint64_t *)fake_translate(dev, a + i * PAGE);
 
-		CHECK_EQ(keep_dropped[0][i], 0);
-		CHECK_EQ(keep_dropped[1][i], 1);
-		CHECK_EQ_U64(ml->entry[i], 0);
+		CHECK_EQ(atomic_load(&keep_dropped[0][i]), 0);
+		CHECK_EQ(atomic_load(&keep_dropped[1][i]), 1);
+		CHECK_EQ_U64(keep_entry(ml, i), 0);
 		CHECK(d);
 		if (held[i])
 			CHECK(d == held[i]);
@@ -632,7 +644,7 @@ static void fault_keeps_entries_of_pages_held(void)
 
 	CHECK_EQ(hmm_migrate(hmm, p, KEEP_PAGES * PAGE, NULL, 0, NULL), 0);
 	for (size_t i = 0; i < KEEP_PAGES; i++) {
-		CHECK_EQ(keep_dropped[0][i], 1);
+		CHECK_EQ(atomic_load(&keep_dropped[0][i]), 1);
 		for (size_t w = 0; w < WORDS; w++)
 			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, held[i] && !w ? 2 : 1));
 	}
@@ -668,18 +680,19 @@ static void exclusive_fault_keeps_entries_of_pages_held(void)
 	for (size_t i = 1; i < 5; i += 2) {
 		CHECK_EQ(hmm_mirror_fault(&ml->mirror, a + i * PAGE, a + (i + 1) * PAGE,
 					  HMM_FAULT_EXCLUSIVE), 0);
-		CHECK(ml->entry[i] & HMM_DPTE_EXCLUSIVE);
+		CHECK(keep_entry(ml, i) & HMM_DPTE_EXCLUSIVE);
 	}
-	memset(keep_dropped[0], 0, sizeof(keep_dropped[0]));
+	for (size_t i = 0; i < KEEP_PAGES; i++)
+		atomic_store(&keep_dropped[0][i], 0);
 
 	drops = atomic_load(&ml->drops);
 	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, HMM_FAULT_EXCLUSIVE), 0);
 	CHECK_EQ(atomic_load(&ml->drops) - drops, 3);	/* [0, 1), [2, 3), [4, 8) */
 	for (size_t i = 0; i < KEEP_PAGES; i++) {
-		const uint64_t *d = (const uint64_t *)(uintptr_t)hmm_dpte_addr(ml->entry[i]);
+		const uint64_t *d = (const uint64_t *)(uintptr_t)hmm_dpte_addr(keep_entry(ml, i));
 
-		CHECK_EQ(keep_dropped[0][i], i != 1 && i != 3);
-		CHECK(ml->entry[i] & HMM_DPTE_EXCLUSIVE);
+		CHECK_EQ(atomic_load(&keep_dropped[0][i]), i != 1 && i != 3);
+		CHECK(keep_entry(ml, i) & HMM_DPTE_EXCLUSIVE);
 		for (size_t w = 0; w < WORDS; w++)
 			CHECK_EQ_U64(d[w], word(i, w, 1));
 	}
