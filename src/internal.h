@@ -448,6 +448,20 @@ void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t star
 		    uintptr_t end, enum hmm_event_type type, const struct hmm_device *owner);
 void hmm_inval_wait(struct hmm *hmm, struct hmm_inval_sent *sent);
 
+/*
+ * hmm_inval_mirrors() for the pages of @b marked in @mask, those that change
+ * hands, and no others: a mirror's entries for pages of the span that stay
+ * (unmarked, such as a faulting device's own pages already in its memory)
+ * are left alone. A mirror with no entry for such a page gets one drop over
+ * the marked pages' span, as hmm_inval_mirrors() sends; one with some gets a
+ * drop per run of its marked entries between them, each waited for in turn.
+ * Signal-safe.
+ * Context: @b's pages taken; inside hmm_inval_begin/end of a range covering
+ * the marked pages.
+ */
+void hmm_inval_mirrors_mask(struct hmm *hmm, const struct hmm_busy *b, const uint64_t *mask,
+			    enum hmm_event_type type, const struct hmm_device *owner);
+
 /* migrate.c */
 
 /*

@@ -472,8 +472,12 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 		drop_end = b->start;	/* only zero-fills: nothing is mapped anywhere */
 	}
 	hmm_inval_begin(hmm, &iv, drop_start, drop_end);
-	if (drop_end > drop_start)
-		hmm_inval_mirrors(hmm, drop_start, drop_end, HMM_EVENT_MIGRATE, owner);
+	/*
+	 * Only the pages that move: a page of the span that stays (already on
+	 * @to, say, when a device faults a block it holds part of) keeps its
+	 * entries, or a device's fault would shoot down its own working set.
+	 */
+	hmm_inval_mirrors_mask(hmm, b, drop, HMM_EVENT_MIGRATE, owner);
 	zap_cpu(hmm, b, zap, m->err);
 
 	/* Phase 2: destination frames, then the copies. */

@@ -720,6 +720,114 @@ void hmm_inval_mirrors(struct hmm *hmm, uintptr_t start, uintptr_t end,
 	hmm_inval_wait(hmm, &sent);
 }
 
+/*
+ * A mirror's entries over a span of @b, sorted by whether their page is in
+ * the caller's mask (it changes hands) or not (it stays).
+ */
+struct entries_by_mask {
+	const struct hmm_busy *b;
+	const uint64_t *mask;
+	uint64_t change[HMM_BATCH_PAGES / 64];	/* entries of marked pages */
+	uint64_t stay[HMM_BATCH_PAGES / 64];	/* entries of unmarked pages */
+	bool any_change, any_stay;
+};
+
+static int entries_by_mask_fn(void *arg, uintptr_t addr, hmm_dpte_t entry)
+{
+	struct entries_by_mask *w = arg;
+	size_t i = (addr - w->b->start) >> HMM_PAGE_SHIFT;
+
+	(void)entry;
+	if (hmm_bit_test(w->mask, i)) {
+		hmm_bit_set(w->change, i);
+		w->any_change = true;
+	} else {
+		hmm_bit_set(w->stay, i);
+		w->any_stay = true;
+	}
+	return 0;
+}
+
+/*
+ * Drops @mc's entries of the marked pages a run at a time, a run being the
+ * marked entries between two entries that stay, and waits for each drop's
+ * fence before the next. The pt_lock need not be held from one run to the
+ * next: every fault overlapping the span backs off (the caller's
+ * hmm_inval_begin()), and a commit that read its flag before that was over
+ * when the caller's walk took the lock, so no entry appears meanwhile.
+ */
+static void drop_runs(struct hmm *hmm, struct hmm_mirror_core *mc,
+		      const struct entries_by_mask *w, struct hmm_event *ev)
+{
+	size_t n = (w->b->end - w->b->start) >> HMM_PAGE_SHIFT;
+
+	for (size_t i = 0, j; i < n; i = j) {
+		struct hmm_fence *f = NULL;
+		size_t last;
+
+		if (!hmm_bit_test(w->change, i)) {
+			j = i + 1;
+			continue;
+		}
+		for (j = last = i; j < n && !hmm_bit_test(w->stay, j); j++)
+			if (hmm_bit_test(w->change, j))
+				last = j;
+		ev->start = w->b->start + (i << HMM_PAGE_SHIFT);
+		ev->end = w->b->start + ((last + 1) << HMM_PAGE_SHIFT);
+		hmm_spin_lock(&mc->pt_lock);
+		mc->dev->ops->update(mc->mirror, ev, &f);
+		hmm_count(&mc->stat.events, 1);
+		hmm_spin_unlock(&mc->pt_lock);
+		if (f)
+			fence_wait_mirror(hmm, mc, f);
+		clear_entries(hmm, mc, ev->start, ev->end);
+	}
+}
+
+void hmm_inval_mirrors_mask(struct hmm *hmm, const struct hmm_busy *b, const uint64_t *mask,
+			    enum hmm_event_type type, const struct hmm_device *owner)
+{
+	unsigned int max = atomic_load_explicit(&hmm->mirror_max, memory_order_acquire);
+	struct hmm_event ev = { .type = type, .owner = owner };
+	struct hmm_inval_sent sent;
+
+	if (!hmm_busy_mask_span(b, mask, &sent.start, &sent.end))
+		return;
+	sent.nhit = 0;
+	for (unsigned int id = 1; id <= max; id++) {
+		struct entries_by_mask w = { .b = b, .mask = mask };
+		struct hmm_mirror_core *mc;
+		struct hmm_fence *f = NULL;
+
+		if (!hmm_mirror_by_id(hmm, id) || !(mc = mirror_get(hmm, id)))
+			continue;
+		/* Under pt_lock, as hmm_inval_send() looks (the timeline at the top). */
+		hmm_spin_lock(&mc->pt_lock);
+		if (atomic_load(&mc->entries))
+			hmm_mirror_walk(mc->mirror, sent.start, sent.end, entries_by_mask_fn, &w);
+		if (!w.any_change) {
+			hmm_spin_unlock(&mc->pt_lock);
+			mirror_put(mc);
+			continue;
+		}
+		if (w.any_stay) {
+			hmm_spin_unlock(&mc->pt_lock);
+			drop_runs(hmm, mc, &w, &ev);
+			mirror_put(mc);
+			continue;
+		}
+		/* Nothing of its stays in the span: one drop, waited for with the others. */
+		ev.start = sent.start;
+		ev.end = sent.end;
+		mc->dev->ops->update(mc->mirror, &ev, &f);
+		hmm_count(&mc->stat.events, 1);
+		hmm_spin_unlock(&mc->pt_lock);
+		sent.hit[sent.nhit] = mc;
+		sent.fence[sent.nhit++] = f;
+	}
+	hmm_inval_wait(hmm, &sent);
+}
+
 /* ---- Dirty pages -------------------------------------------------------------------- */
 
 struct dirty_vec {
@@ -999,7 +1107,8 @@ static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct 
 		int ret;
 
 		hmm_inval_begin(hmm, &iv, start, end);
-		hmm_inval_mirrors(hmm, start, end, HMM_EVENT_EXCLUSIVE, mc->dev);
+		/* Not the pages already exclusive to @mc: their entries stay. */
+		hmm_inval_mirrors_mask(hmm, b, drop, HMM_EVENT_EXCLUSIVE, mc->dev);
 		ret = zap_cpu_pages(hmm, b, zap);
 		hmm_inval_end(hmm, &iv);
 		if (ret)
