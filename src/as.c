@@ -28,7 +28,13 @@
  *     events are pending waits for them (hmm_events_settle()) and looks again;
  *   - in thread mode, a fault message for an address we do not know is kept
  *     (deferred) until the messages queued behind it have been read and
- *     handled (events are read after faults, uffd.h hazard 3), then served.
+ *     handled (events are read after faults, uffd.h hazard 3), then served;
+ *   - each event is handled before the next message is read, so the caller
+ *     of a munmap or mremap is at most one operation ahead of the handling:
+ *     its next call on a CPU view blocks until this thread reads again. The
+ *     handlers rely on it (they look at /proc/self/maps and pagemap, which
+ *     must not be further ahead than that); a reader that reads on while
+ *     another thread handles was tried and broke them (docs/cpu-faults.md).
  * Only then is an address that is still not ours not libhmm memory: a
  * signal-mode SIGBUS goes to the previous handler; in thread mode the page
  * is poisoned (UFFDIO_POISON) so that the access gets SIGBUS as well rather
