@@ -134,8 +134,10 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
  *                CPU mappings: every page keeps its data. MADV_REMOVE frees
  *                the memory behind the range: pages in host memory read as
  *                zeros afterwards, on the CPU and on devices, but pages that
- *                live on a device keep their data (the core is not told,
- *                see docs/cpu-faults.md): use hmm_madvise(HMM_ADV_DISCARD).
+ *                live on a device keep their data, and the device copies of
+ *                read-mostly pages keep theirs until the page is next
+ *                written (the core is not told, see docs/cpu-faults.md):
+ *                use hmm_madvise(HMM_ADV_DISCARD).
  */
 int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
 
