@@ -275,9 +275,12 @@ int hmm_dup_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b,
 	}
 
 	hmm_inval_begin(hmm, &iv, start, end);
-	/* Nobody may write a HOST page once its copy is read: devices, then the CPU. */
-	if (hmm_busy_mask_span(b, prot, &start, &end))
-		hmm_inval_mirrors(hmm, start, end, HMM_EVENT_PROTECT, owner);
+	/*
+	 * Nobody may write a HOST page once its copy is read: devices, then the
+	 * CPU. Only those pages: the others in their span (@mc's own DEVICE
+	 * pages, SHARED pages, pages that are not read-mostly) keep their entries.
+	 */
+	hmm_inval_mirrors_mask(hmm, b, prot, HMM_EVENT_PROTECT, owner);
 	ret = cpu_protect(hmm, b, prot, true, NULL);
 	if (ret) {
 		ret = -EAGAIN;	/* the CPU view is changing: try again */
@@ -338,7 +341,8 @@ int hmm_dup_collapse(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask,
 	if (!hmm_busy_mask_span(b, sel, &start, &end))
 		return 0;
 	hmm_inval_begin(hmm, &iv, start, end);
-	hmm_inval_mirrors(hmm, start, end, HMM_EVENT_MIGRATE, owner);
+	/* Only the SHARED pages: a writer's own DEVICE pages among them keep their entries. */
+	hmm_inval_mirrors_mask(hmm, b, sel, HMM_EVENT_MIGRATE, owner);
 	drop_copies(hmm, b, sel);
 	/* Only now may the CPU write: no copy is left to go stale. */
 	ret = cpu_protect(hmm, b, sel, false, done);
@@ -374,7 +378,8 @@ size_t hmm_dup_evict(struct hmm *hmm, struct hmm_busy *b, struct hmm_mirror_core
 		return 0;
 	/* SHARED stays SHARED with one copy fewer; the host frame has the data. */
 	hmm_inval_begin(hmm, &iv, start, end);
-	hmm_inval_mirrors(hmm, start, end, HMM_EVENT_MIGRATE, NULL);
+	/* Only the pages whose copy goes: other devices' pages among them keep their entries. */
+	hmm_inval_mirrors_mask(hmm, b, sel, HMM_EVENT_MIGRATE, NULL);
 	for (size_t i = 0; i < npages(b); i++)
 		if (hmm_bit_test(sel, i))
 			nr += drop_copy(mc, page_of(b, i));

@@ -14,6 +14,9 @@
  *     entries of the pages that change hands and no others (the pages it
  *     holds keep theirs), for a device with memory and for a memoryless
  *     one's exclusive fault;
+ *   - read duplication does the same (dup.c): making copies (PROTECT),
+ *     collapsing them for a write and evicting them drop the entries of
+ *     the pages whose state changes, not of a page among them that stays;
  *   - dirty reporting: pages a simdev kernel wrote are reported and marked
  *     dirty when their entries go, pages it only read are not, also when
  *     the fault block of the region's first pages reaches below it;
@@ -705,6 +708,177 @@ static void exclusive_fault_keeps_entries_of_pages_held(void)
 	stop();
 }
 
+/*
+ * Read duplication drops only the pages whose state changes (dup.c): a
+ * block of read-mostly pages with one page in the middle, page 3, that the
+ * device with memory already holds (DEVICE, written there). Returns the
+ * device's pointer to page 3. The memoryless device maps the other pages
+ * writable.
+ */
+static uint64_t *dup_block_around_held_page(struct fake_device *dev, struct fake_device *ml,
+					    uint64_t *p)
+{
+	uintptr_t a = (uintptr_t)p;
+	uint64_t *held;
+
+	dev->window = ml->window = a;
+	fill(p, KEEP_PAGES, 1);
+	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, HMM_FAULT_WRITE), 0);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a + 3 * PAGE, a + 4 * PAGE, HMM_FAULT_WRITE), 0);
+	held = (uint64_t *)fake_translate(dev, a + 3 * PAGE);
+	CHECK(held);
+	held[0] = word(3, 0, 2);	/* the device writes it */
+	CHECK_EQ(hmm_madvise(hmm, p, KEEP_PAGES * PAGE, HMM_ADV_READ_MOSTLY), 0);
+	memset(keep_dropped, 0, sizeof(keep_dropped));
+	return held;
+}
+
+/* Every page as the device reads it: generation 1, but the word it wrote. */
+static void dup_device_verify(struct fake_device *dev, uintptr_t a, const uint64_t *held)
+{
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		const uint64_t *d = (const uint64_t *)fake_translate(dev, a + i * PAGE);
+
+		CHECK(d);
+		if (i == 3)
+			CHECK(d == held);
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(d[w], word(i, w, i == 3 && !w ? 2 : 1));
+	}
+}
+
+static void dup_block_finish(struct fake_device *dev, struct fake_device *ml, uint64_t *p)
+{
+	CHECK_EQ(hmm_migrate(hmm, p, KEEP_PAGES * PAGE, NULL, 0, NULL), 0);
+	for (size_t i = 0; i < KEEP_PAGES; i++)
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, i == 3 && !w ? 2 : 1));
+	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
+	keep_free(ml);
+	keep_free(dev);
+	keep_dev[0] = keep_dev[1] = NULL;
+	stop();
+}
+
+/*
+ * The device reads the whole block: the HOST pages become SHARED, and the
+ * PROTECT drop that comes first reaches the memoryless device's writable
+ * entries of those pages, not the device's entry for the page it holds.
+ */
+static void dup_protect_keeps_entries_of_pages_held(void)
+{
+	struct fake_device *dev, *ml;
+	uint64_t *p, *held;
+	uintptr_t a;
+	int drops;
+
+	start();
+	keep_dev[1] = NULL;
+	dev = keep_new(0, false);
+	ml = keep_new(1, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	a = (uintptr_t)p;
+	held = dup_block_around_held_page(dev, ml, p);
+
+	drops = atomic_load(&dev->drops);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
+	CHECK_EQ(atomic_load(&dev->drops), drops);
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(keep_dropped[0][i], 0);
+		CHECK_EQ(keep_dropped[1][i], i != 3);	/* write-protected: entry gone */
+		CHECK_EQ_U64(ml->entry[i], 0);
+		CHECK(!(dev->entry[i] & HMM_DPTE_WRITE) == (i != 3));	/* a read-only copy */
+	}
+	dup_device_verify(dev, a, held);
+	dup_block_finish(dev, ml, p);
+}
+
+/*
+ * The device reads the block (copies around the page it holds), then writes
+ * it: the SHARED pages go back to HOST, and that MIGRATE drop reaches its
+ * entries of the copies, a drop per run around page 3, and not its entry
+ * for page 3.
+ */
+static void dup_collapse_keeps_entries_of_pages_held(void)
+{
+	struct fake_device *dev, *ml;
+	uint64_t *p, *held;
+	uintptr_t a;
+	int drops;
+
+	start();
+	keep_dev[1] = NULL;
+	dev = keep_new(0, false);
+	ml = keep_new(1, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	a = (uintptr_t)p;
+	held = dup_block_around_held_page(dev, ml, p);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
+	memset(keep_dropped, 0, sizeof(keep_dropped));
+
+	drops = atomic_load(&dev->drops);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + KEEP_PAGES * PAGE, HMM_FAULT_WRITE), 0);
+	CHECK_EQ(atomic_load(&dev->drops) - drops, 2);	/* [0, 3), [4, 8) */
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(keep_dropped[0][i], i != 3);
+		CHECK_EQ(keep_dropped[1][i], 0);
+		CHECK(dev->entry[i] & HMM_DPTE_WRITE);
+	}
+	dup_device_verify(dev, a, held);
+	dup_block_finish(dev, ml, p);
+}
+
+/*
+ * The device holds copies of a block's read-mostly pages but for page 3, a
+ * page that is not read-mostly, which the memoryless device maps. Evicting
+ * the copies (the device's mirror goes: everything leaves its memory) drops
+ * the entries of the copied pages, not the memoryless device's of page 3.
+ */
+static void dup_evict_keeps_entries_of_other_pages(void)
+{
+	struct fake_device *dev, *ml;
+	uint64_t *p, *host3;
+	uintptr_t a;
+
+	start();
+	keep_dev[1] = NULL;
+	dev = keep_new(0, false);
+	ml = keep_new(1, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	a = (uintptr_t)p;
+	dev->window = ml->window = a;
+	fill(p, KEEP_PAGES, 1);
+	CHECK_EQ(hmm_madvise(hmm, p, 3 * PAGE, HMM_ADV_READ_MOSTLY), 0);
+	CHECK_EQ(hmm_madvise(hmm, p + 4 * WORDS, 4 * PAGE, HMM_ADV_READ_MOSTLY), 0);
+	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a + 3 * PAGE, a + 4 * PAGE, HMM_FAULT_WRITE), 0);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + 3 * PAGE, 0), 0);
+	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a + 4 * PAGE, a + KEEP_PAGES * PAGE, 0), 0);
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(!fake_translate(dev, a + i * PAGE), i == 3);
+		CHECK_EQ(!(ml->entry[i] & HMM_DPTE_VALID), i != 3);
+	}
+	CHECK(hmm_device_mem_used(&dev->dev) > 0);
+	memset(keep_dropped, 0, sizeof(keep_dropped));
+
+	CHECK_EQ(hmm_mirror_unregister(&dev->mirror), 0);
+	CHECK_EQ(hmm_device_mem_used(&dev->dev), 0);
+	for (size_t i = 0; i < KEEP_PAGES; i++) {
+		CHECK_EQ(keep_dropped[0][i], i != 3);
+		CHECK_EQ(keep_dropped[1][i], 0);
+	}
+	CHECK(ml->entry[3] & HMM_DPTE_VALID);
+	host3 = (uint64_t *)(uintptr_t)hmm_dpte_addr(ml->entry[3]);
+	host3[0] = word(3, 0, 2);	/* the memoryless device writes through it */
+	for (size_t i = 0; i < KEEP_PAGES; i++)
+		for (size_t w = 0; w < WORDS; w++)
+			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, i == 3 && !w ? 2 : 1));
+	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
+	keep_free(ml);
+	keep_free(dev);
+	keep_dev[0] = keep_dev[1] = NULL;
+	stop();
+}
+
 /* ---- Dirty ----------------------------------------------------------------------------- */
 
 /*
@@ -1123,6 +1297,9 @@ static void all(enum hmm_fault_mode m)
 	RUN(fault_missing_tail_maps_head_in_one_round);
 	RUN(fault_keeps_entries_of_pages_held);
 	RUN(exclusive_fault_keeps_entries_of_pages_held);
+	RUN(dup_protect_keeps_entries_of_pages_held);
+	RUN(dup_collapse_keeps_entries_of_pages_held);
+	RUN(dup_evict_keeps_entries_of_other_pages);
 	RUN(dirty_written_pages_device_memory);
 	RUN(dirty_fault_block_reaching_below_region);
 	RUN(dirty_written_pages_memoryless);
