@@ -658,6 +658,23 @@ static void clear_entries(struct hmm *hmm, struct hmm_mirror_core *mc, uintptr_t
 	hmm_spin_unlock(&mc->pt_lock);
 }
 
+/*
+ * Sends @ev to @mc, whose pt_lock the caller holds and which it has taken
+ * (mirror_get()): unlocks, and records the mirror and its fence in @sent
+ * for hmm_inval_wait().
+ */
+static void send_drop(struct hmm_mirror_core *mc, const struct hmm_event *ev,
+		      struct hmm_inval_sent *sent)
+{
+	struct hmm_fence *f = NULL;
+
+	mc->dev->ops->update(mc->mirror, ev, &f);
+	hmm_count(&mc->stat.events, 1);
+	hmm_spin_unlock(&mc->pt_lock);
+	sent->hit[sent->nhit] = mc;
+	sent->fence[sent->nhit++] = f;
+}
+
 void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t start,
 		    uintptr_t end, enum hmm_event_type type, const struct hmm_device *owner)
 {
@@ -669,7 +686,6 @@ void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t star
 	sent->nhit = 0;
 	for (unsigned int id = 1; id <= max; id++) {
 		struct hmm_mirror_core *mc;
-		struct hmm_fence *f = NULL;
 
 		if (!hmm_mirror_by_id(hmm, id) || !(mc = mirror_get(hmm, id)))
 			continue;
@@ -685,11 +701,7 @@ void hmm_inval_send(struct hmm *hmm, struct hmm_inval_sent *sent, uintptr_t star
 			mirror_put(mc);
 			continue;
 		}
-		mc->dev->ops->update(mc->mirror, &ev, &f);
-		hmm_count(&mc->stat.events, 1);
-		hmm_spin_unlock(&mc->pt_lock);
-		sent->hit[sent->nhit] = mc;
-		sent->fence[sent->nhit++] = f;
+		send_drop(mc, &ev, sent);
 	}
 }
 
@@ -797,7 +809,6 @@ void hmm_inval_mirrors_mask(struct hmm *hmm, const struct hmm_busy *b, const uin
 	for (unsigned int id = 1; id <= max; id++) {
 		struct entries_by_mask w = { .b = b, .mask = mask };
 		struct hmm_mirror_core *mc;
-		struct hmm_fence *f = NULL;
 
 		if (!hmm_mirror_by_id(hmm, id) || !(mc = mirror_get(hmm, id)))
 			continue;
@@ -819,11 +830,7 @@ void hmm_inval_mirrors_mask(struct hmm *hmm, const struct hmm_busy *b, const uin
 		/* Nothing of its stays in the span: one drop, waited for with the others. */
 		ev.start = sent.start;
 		ev.end = sent.end;
-		mc->dev->ops->update(mc->mirror, &ev, &f);
-		hmm_count(&mc->stat.events, 1);
-		hmm_spin_unlock(&mc->pt_lock);
-		sent.hit[sent.nhit] = mc;
-		sent.fence[sent.nhit++] = f;
+		send_drop(mc, &ev, &sent);
 	}
 	hmm_inval_wait(hmm, &sent);
 }

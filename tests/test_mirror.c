@@ -594,6 +594,34 @@ static void keep_free(struct fake_device *fd)
 }
 
 /*
+ * A test's address space with a device with memory (keep_dev[0]) and a
+ * memoryless one (keep_dev[1]), both windowed on a block of KEEP_PAGES pages
+ * filled with generation 1. Return: the block.
+ */
+static uint64_t *keep_pair_begin(struct fake_device **dev, struct fake_device **ml)
+{
+	uint64_t *p;
+
+	start();
+	keep_dev[1] = NULL;
+	*dev = keep_new(0, false);
+	*ml = keep_new(1, true);
+	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	(*dev)->window = (*ml)->window = (uintptr_t)p;
+	fill(p, KEEP_PAGES, 1);
+	return p;
+}
+
+static void keep_pair_end(struct fake_device *dev, struct fake_device *ml, uint64_t *p)
+{
+	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
+	keep_free(ml);
+	keep_free(dev);
+	keep_dev[0] = keep_dev[1] = NULL;
+	stop();
+}
+
+/*
  * A device faults a block of which it holds some pages already (taken one
  * at a time, as simdev does when the block's fault failed: it reached below
  * the region, where nothing was mapped yet). The other pages move to it, and
@@ -607,14 +635,8 @@ static void fault_keeps_entries_of_pages_held(void)
 	uintptr_t a;
 	int drops;
 
-	start();
-	keep_dev[1] = NULL;
-	dev = keep_new(0, false);
-	ml = keep_new(1, true);
-	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	p = keep_pair_begin(&dev, &ml);
 	a = (uintptr_t)p;
-	dev->window = ml->window = a;
-	fill(p, KEEP_PAGES, 1);
 
 	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
 	for (size_t i = 1; i < 5; i += 2) {
@@ -651,11 +673,7 @@ static void fault_keeps_entries_of_pages_held(void)
 		for (size_t w = 0; w < WORDS; w++)
 			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, held[i] && !w ? 2 : 1));
 	}
-	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
-	keep_free(ml);
-	keep_free(dev);
-	keep_dev[0] = keep_dev[1] = NULL;
-	stop();
+	keep_pair_end(dev, ml, p);
 }
 
 /*
@@ -721,8 +739,6 @@ static uint64_t *dup_block_around_held_page(struct fake_device *dev, struct fake
 	uintptr_t a = (uintptr_t)p;
 	uint64_t *held;
 
-	dev->window = ml->window = a;
-	fill(p, KEEP_PAGES, 1);
 	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a, a + KEEP_PAGES * PAGE, HMM_FAULT_WRITE), 0);
 	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a + 3 * PAGE, a + 4 * PAGE, HMM_FAULT_WRITE), 0);
 	held = (uint64_t *)fake_translate(dev, a + 3 * PAGE);
@@ -753,11 +769,7 @@ static void dup_block_finish(struct fake_device *dev, struct fake_device *ml, ui
 	for (size_t i = 0; i < KEEP_PAGES; i++)
 		for (size_t w = 0; w < WORDS; w++)
 			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, i == 3 && !w ? 2 : 1));
-	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
-	keep_free(ml);
-	keep_free(dev);
-	keep_dev[0] = keep_dev[1] = NULL;
-	stop();
+	keep_pair_end(dev, ml, p);
 }
 
 /*
@@ -772,11 +784,7 @@ static void dup_protect_keeps_entries_of_pages_held(void)
 	uintptr_t a;
 	int drops;
 
-	start();
-	keep_dev[1] = NULL;
-	dev = keep_new(0, false);
-	ml = keep_new(1, true);
-	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	p = keep_pair_begin(&dev, &ml);
 	a = (uintptr_t)p;
 	held = dup_block_around_held_page(dev, ml, p);
 
@@ -806,11 +814,7 @@ static void dup_collapse_keeps_entries_of_pages_held(void)
 	uintptr_t a;
 	int drops;
 
-	start();
-	keep_dev[1] = NULL;
-	dev = keep_new(0, false);
-	ml = keep_new(1, true);
-	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	p = keep_pair_begin(&dev, &ml);
 	a = (uintptr_t)p;
 	held = dup_block_around_held_page(dev, ml, p);
 	CHECK_EQ(hmm_mirror_fault(&dev->mirror, a, a + KEEP_PAGES * PAGE, 0), 0);
@@ -840,14 +844,8 @@ static void dup_evict_keeps_entries_of_other_pages(void)
 	uint64_t *p, *host3;
 	uintptr_t a;
 
-	start();
-	keep_dev[1] = NULL;
-	dev = keep_new(0, false);
-	ml = keep_new(1, true);
-	p = map(KEEP_PAGES, PROT_READ | PROT_WRITE);
+	p = keep_pair_begin(&dev, &ml);
 	a = (uintptr_t)p;
-	dev->window = ml->window = a;
-	fill(p, KEEP_PAGES, 1);
 	CHECK_EQ(hmm_madvise(hmm, p, 3 * PAGE, HMM_ADV_READ_MOSTLY), 0);
 	CHECK_EQ(hmm_madvise(hmm, p + 4 * WORDS, 4 * PAGE, HMM_ADV_READ_MOSTLY), 0);
 	CHECK_EQ(hmm_mirror_fault(&ml->mirror, a + 3 * PAGE, a + 4 * PAGE, HMM_FAULT_WRITE), 0);
@@ -872,11 +870,7 @@ static void dup_evict_keeps_entries_of_other_pages(void)
 	for (size_t i = 0; i < KEEP_PAGES; i++)
 		for (size_t w = 0; w < WORDS; w++)
 			CHECK_EQ_U64(p[i * WORDS + w], word(i, w, i == 3 && !w ? 2 : 1));
-	CHECK_EQ(hmm_munmap(hmm, p, KEEP_PAGES * PAGE), 0);
-	keep_free(ml);
-	keep_free(dev);
-	keep_dev[0] = keep_dev[1] = NULL;
-	stop();
+	keep_pair_end(dev, ml, p);
 }
 
 /* ---- Dirty ----------------------------------------------------------------------------- */
