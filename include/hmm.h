@@ -64,7 +64,30 @@ struct hmm_options {
 	 * the default (1 MiB, see docs/migration.md); at most 2 MiB.
 	 */
 	size_t device_fault_around_bytes;
+	unsigned int flags;		/* HMM_INIT_*; 0 for none */
 };
+
+/*
+ * HMM_INIT_FOREIGN_MADVISE: see a madvise() of libhmm memory by code that
+ * does not know it is libhmm's (MADV_DONTNEED, MADV_REMOVE: the kernel's
+ * REMOVE events; hmm_munmap() says what each advice does to the data). The
+ * core then makes sure that nothing but the CPU view looks at the host
+ * frames of the range: devices drop their entries for its host pages
+ * (HMM_EVENT_REMOVE, hmm/device.h), read-mostly pages lose their device
+ * copies, and pages exclusive to a device go back to the CPU. Without the
+ * flag, the host frames a MADV_REMOVE freed stay in use by such views until
+ * the pages next change (docs/cpu-faults.md). Pages that live on a device
+ * are left alone either way.
+ *
+ * The price, paid only with the flag: the core itself must then never zap
+ * the CPU view with madvise() (the event would make it wait for its own fault
+ * service), so a page leaving host memory for a device gives up its host
+ * frame (punched out of the memfd) and the way back allocates a new one
+ * (docs/migration.md has the numbers), and a device's exclusive fault on a
+ * host page copies the page out and back in. The event itself costs the
+ * foreign madvise() caller a wakeup of the fault service.
+ */
+#define HMM_INIT_FOREIGN_MADVISE	(1u << 0)
 
 /*
  * hmm_init - create the process's address space.
@@ -134,9 +157,11 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
  *                CPU mappings: every page keeps its data. MADV_REMOVE frees
  *                the memory behind the range: pages in host memory read as
  *                zeros afterwards, on the CPU and on devices, but pages that
- *                live on a device keep their data, and the device copies of
- *                read-mostly pages keep theirs until the page is next
- *                written (the core is not told, see docs/cpu-faults.md):
+ *                live on a device keep their data. Without
+ *                HMM_INIT_FOREIGN_MADVISE the core is not told: the device
+ *                copies of read-mostly pages keep their data until the page
+ *                is next written, and a device that pinned host frames sees
+ *                the freed ones (docs/cpu-faults.md). To throw data away,
  *                use hmm_madvise(HMM_ADV_DISCARD).
  */
 int hmm_munmap(struct hmm *hmm, void *addr, size_t length);
@@ -279,7 +304,7 @@ int hmm_exclusive_check(struct hmm *hmm, void *addr, size_t length);
  * -EBUSY a page is locked in another device; -ENOMEM @dev's memory is full
  * (locked pages are not evictable); -EIO a copy failed. On an error the
  * pages before the failing batch (2 MiB) are locked, and pages of that batch
- * may be on @dev unlocked.
+ * may be on @dev, locked or not.
  */
 int hmm_device_lock(struct hmm *hmm, void *addr, size_t length, struct hmm_device *dev);
 
@@ -344,6 +369,8 @@ struct hmm_stats {
 	uint64_t pages_duplicated;	/* read-only device copies made (HMM_ADV_READ_MOSTLY) */
 	uint64_t pages_dup_collapsed;	/* duplicated pages written (or advised NORMAL):
 					   back to one copy */
+	uint64_t foreign_madvise_events;/* foreign madvise() calls seen (REMOVE events,
+					   HMM_INIT_FOREIGN_MADVISE) */
 };
 
 /* Counters since hmm_init(). Return: 0; -EINVAL. */

@@ -15,8 +15,9 @@
  * -EIO: a device page could not be copied home) is retried by letting the
  * access fault again.
  *
- * Events (UNMAP: a foreign munmap; REMAP: a foreign mremap) are read and
- * handled by the fault thread in both modes. The thread that called munmap
+ * Events (UNMAP: a foreign munmap; REMAP: a foreign mremap; REMOVE, with
+ * HMM_INIT_FOREIGN_MADVISE: a foreign madvise) are read and handled by the
+ * fault thread in both modes. The thread that called munmap
  * or mremap resumes as soon as the message is read, before the core has
  * handled it, so for a while the moved memory is at an address the region
  * table does not know yet. An access there must wait, not die:
@@ -199,6 +200,16 @@ static bool handle_event(struct hmm *hmm, const struct uffd_msg *msg)
 		hmm_region_move(hmm, (uintptr_t)msg->arg.remap.from, (uintptr_t)msg->arg.remap.to,
 				(size_t)msg->arg.remap.len);
 		return true;
+	case UFFD_EVENT_REMOVE:
+		/*
+		 * A foreign madvise() (HMM_INIT_FOREIGN_MADVISE; the core
+		 * raises none itself): the caller resumed when we read this,
+		 * and zaps or punches now.
+		 */
+		atomic_fetch_add(&hmm->stat.foreign_madvise_events, 1);
+		hmm_region_removed(hmm, (uintptr_t)msg->arg.remove.start,
+				   (uintptr_t)msg->arg.remove.end);
+		return true;
 	}
 	return false;
 }
@@ -357,6 +368,9 @@ static int parse_options(const struct hmm_options *opts, struct hmm *hmm)
 	if (bytes < HMM_PAGE_SIZE || bytes > MAX_FAULT_AROUND || (bytes & (bytes - 1)))
 		return -EINVAL;
 	hmm->device_fault_around_pages = bytes >> HMM_PAGE_SHIFT;
+	if (o.flags & ~HMM_INIT_FOREIGN_MADVISE)
+		return -EINVAL;
+	hmm->foreign_madvise = o.flags & HMM_INIT_FOREIGN_MADVISE;
 	return 0;
 }
 
@@ -380,6 +394,8 @@ int hmm_init(const struct hmm_options *opts, struct hmm **out)
 		goto fail_free;
 	if (hmm->fault_mode == HMM_FAULT_SIGNAL)
 		features |= UFFD_FEATURE_SIGBUS;
+	if (hmm->foreign_madvise)
+		features |= UFFD_FEATURE_EVENT_REMOVE;
 	/*
 	 * Poison markers: device-locked ranges (hmm_device_lock), and thread
 	 * mode refusing a page that is not ours (serve_messages()).
@@ -497,6 +513,7 @@ int hmm_stats_read(struct hmm *hmm, struct hmm_stats *st)
 	st->cpu_pages_prefetched = atomic_load(&hmm->stat.cpu_pages_prefetched);
 	st->pages_duplicated = atomic_load(&hmm->stat.pages_duplicated);
 	st->pages_dup_collapsed = atomic_load(&hmm->stat.pages_dup_collapsed);
+	st->foreign_madvise_events = atomic_load(&hmm->stat.foreign_madvise_events);
 	hmm_rcu_read_lock();		/* mirrors are freed a grace period after removal */
 	for (unsigned int id = 1; id <= HMM_MAX_DEVICES; id++) {
 		struct hmm_mirror_core *mc = hmm_mirror_by_id(hmm, id);

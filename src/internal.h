@@ -106,6 +106,7 @@ struct hmm_counters {
 	_Atomic uint64_t cpu_pages_prefetched;
 	_Atomic uint64_t pages_duplicated;
 	_Atomic uint64_t pages_dup_collapsed;
+	_Atomic uint64_t foreign_madvise_events;
 };
 
 /* A lock for short sections that signal handlers may take: spins, then yields. */
@@ -171,6 +172,11 @@ struct hmm {
 	size_t fault_around_pages;		/* power of two */
 	size_t device_fault_around_pages;	/* the same, for faults on device pages */
 	uint64_t uffd_features;
+	/*
+	 * HMM_INIT_FOREIGN_MADVISE (hmm.h): REMOVE events are on, so the core
+	 * never madvise()s a CPU view itself (hmm_cpu_view_zap()).
+	 */
+	bool foreign_madvise;
 
 	struct hmm_pt pt;			/* the logical page table */
 
@@ -313,6 +319,16 @@ void hmm_region_forget(struct hmm *hmm, uintptr_t start, uintptr_t end);
  * Context: the fault thread.
  */
 void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len);
+/*
+ * A foreign madvise() reached the CPU view of [start, end) (a uffd REMOVE
+ * event, HMM_INIT_FOREIGN_MADVISE): its caller zaps the view or punches the
+ * frames once the event is read. Nothing but the CPU view keeps looking at
+ * the range's host frames afterwards: devices drop their entries for host
+ * pages (HMM_EVENT_REMOVE), SHARED pages lose their copies, EXCLUSIVE pages
+ * go back to HOST. Device pages are left alone.
+ * Context: the fault thread.
+ */
+void hmm_region_removed(struct hmm *hmm, uintptr_t start, uintptr_t end);
 /* Unmaps and frees every region. Context: hmm_fini(), no concurrent users. */
 void hmm_region_destroy_all(struct hmm *hmm);
 
@@ -499,17 +515,33 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
  */
 int hmm_range_check(struct hmm *hmm, uintptr_t start, uintptr_t end, int need_prot);
 /*
- * hmm_cpu_view_zap - drop the CPU view's PTEs of [start, end) (MADV_DONTNEED:
- * the data stays in the memfd; the next access faults), but only while the
- * range is still our registered view: after a foreign munmap() the address is
- * free before the core hears of it, and a zap by address would wipe whatever
- * another thread mapped there (private memory loses its data). A userfaultfd
- * call on the range first proves it ours; what is left is a munmap() and a new
- * mapping at the address, both by other threads, between that call and the
- * zap (docs/cpu-faults.md). Pages busy.
- * Return: 0; -EAGAIN the range is not our view (nothing zapped); -errno.
+ * hmm_cpu_view_zap - drop the CPU view's PTEs of the pages of @b marked in
+ * @mask (of @s), a run at a time: the next CPU access faults, and the data
+ * stays in the memfd. Pages busy.
+ *
+ * Only while a run is still our registered view: after a foreign munmap() the
+ * address is free before the core hears of it, and a zap by address would
+ * wipe whatever another thread mapped there (private memory loses its data).
+ * A userfaultfd call on the run first proves it ours; what is left is a
+ * munmap() and a new mapping at the address, both by other threads, between
+ * that call and the zap (docs/cpu-faults.md).
+ *
+ * How: MADV_DONTNEED; in foreign-madvise mode (hmm->foreign_madvise), where
+ * that would raise a REMOVE event, the run is write-protected and its frames
+ * punched out of the memfd and written back (@keep_frames), or only
+ * write-protected (!@keep_frames: migration, which punches the frames itself
+ * once their data is copied, hmm_host_frames_punch()).
+ * Return: 0; -EAGAIN a run is not our view (nothing zapped there; -EAGAIN in
+ * @err, if not NULL, for each of its pages).
  */
-int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end);
+int hmm_cpu_view_zap(struct hmm *hmm, const struct hmm_span *s, const struct hmm_busy *b,
+		     const uint64_t *mask, bool keep_frames, int *err);
+/*
+ * Punches the host frames of [start, end) of @s out of the memfd: they read
+ * as zeros, and every mapping of them (the CPU view's too, wherever it is) is
+ * gone; no uffd event. Return: 0; -errno from fallocate().
+ */
+int hmm_host_frames_punch(const struct hmm_span *s, uintptr_t start, uintptr_t end);
 
 /*
  * The span [first, last page] of @b's pages selected by @mask (a bit per page

@@ -53,23 +53,57 @@ int hmm_exclusive_check(struct hmm *hmm, void *addr, size_t length)
 /*
  * Runs @fn over [start, end) of the CPU view, retrying from where it stopped
  * while it says -EAGAIN (an unread uffd event: the fault thread reads it).
+ * *@reached (if not NULL) gets where it stopped. Return: 0; @fn's -errno.
  */
 static int uffd_run(struct hmm *hmm, uintptr_t start, uintptr_t end,
-		    int (*fn)(int, void *, size_t, unsigned int, size_t *))
+		    int (*fn)(int, void *, size_t, unsigned int, size_t *), uintptr_t *reached)
 {
+	int ret = 0;
+
 	while (start < end) {
 		size_t done = 0;
-		int ret = fn(hmm->uffd, (void *)start, end - start, 0, &done);
 
+		ret = fn(hmm->uffd, (void *)start, end - start, 0, &done);
 		start += done;
-		if (ret == 0)
-			return 0;
-		if (ret != -EAGAIN)
-			return ret;
+		if (ret == 0 || ret != -EAGAIN)
+			break;
 		if (!done)
 			sched_yield();
+		ret = 0;
 	}
-	return 0;
+	if (reached)
+		*reached = start;
+	return ret;
+}
+
+/*
+ * Maps [start, end) of the CPU view over its poison markers (LOCKED -> HOST):
+ * UFFDIO_CONTINUE, or a zeroed frame where the frame is a hole (a foreign
+ * MADV_REMOVE punched it since the copy home). Never a zap: that would raise
+ * a uffd REMOVE event in foreign-madvise mode, read by a fault thread that
+ * may be waiting for these very pages. Return: 0; -ENOENT (or another
+ * -errno): the range is not our view any more (a foreign munmap() or
+ * mremap() took it, and the markers with it).
+ */
+static int map_over_markers(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	uintptr_t a = start;
+	int ret;
+
+	for (;;) {
+		ret = uffd_run(hmm, a, end, hmm_uffd_continue, &a);
+		if (ret == -ENOMEM) {
+			sched_yield();
+			continue;
+		}
+		if (ret != -EFAULT)
+			return ret;
+		ret = uffd_run(hmm, a, a + HMM_PAGE_SIZE, hmm_uffd_zeropage, NULL);
+		if (ret == 0)
+			a += HMM_PAGE_SIZE;
+		else if (ret != -EEXIST)	/* -EEXIST: a frame appeared; continue it */
+			return ret;
+	}
 }
 
 /*
@@ -92,6 +126,7 @@ static int lock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy
 	ret = hmm_move_pages(hmm, s, b, mc, NULL, NULL);
 	for (size_t i = 0, j; i < n; i = j) {
 		hmm_pte_t e = b->new[i];
+		uintptr_t reached;
 		int err;
 
 		j = i + 1;
@@ -101,20 +136,22 @@ static int lock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy
 		while (j < n && hmm_busy_taken(b, j) && hmm_pte_state(b->new[j]) == HMM_PTE_DEVICE &&
 		       hmm_pte_device(b->new[j]) == mc->id)
 			j++;
-		/* DEVICE(d) -> LOCKED(d): page_state.h. */
+		/*
+		 * DEVICE(d) -> LOCKED(d): page_state.h. If the markers stop
+		 * part way, the pages that have one are locked (no zap to take
+		 * them out again: see map_over_markers()) and the rest stay
+		 * DEVICE(d), unlocked.
+		 */
 		err = uffd_run(hmm, b->start + (i << HMM_PAGE_SHIFT), b->start + (j << HMM_PAGE_SHIFT),
-			       hmm_uffd_poison);
+			       hmm_uffd_poison, &reached);
+		for (size_t k = i; k < j && b->start + (k << HMM_PAGE_SHIFT) < reached; k++)
+			b->new[k] = hmm_pte_make(HMM_PTE_LOCKED, mc->id, hmm_pte_frame(b->new[k]),
+						 hmm_pte_keep_flags(b->new[k]));
 		if (err) {
-			/* A partial run's markers would outlive the lock: zap them away. */
-			hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
-					 b->start + (j << HMM_PAGE_SHIFT));
 			if (!ret)
 				ret = err;
 			break;
 		}
-		for (size_t k = i; k < j; k++)
-			b->new[k] = hmm_pte_make(HMM_PTE_LOCKED, mc->id, hmm_pte_frame(b->new[k]),
-						 hmm_pte_keep_flags(b->new[k]));
 	}
 	return ret;
 }
@@ -152,8 +189,6 @@ static int unlock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_bu
 		return 0;
 	ret = hmm_move_pages(hmm, s, &u, NULL, NULL, NULL);
 	for (size_t i = 0, j; i < n; i = j) {
-		int err;
-
 		j = i + 1;
 		if (!hmm_busy_taken(&u, i) || hmm_pte_state(u.new[i]) != HMM_PTE_HOST)
 			continue;
@@ -162,15 +197,9 @@ static int unlock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_bu
 		/* LOCKED(d) -> HOST: page_state.h. */
 		for (size_t k = i; k < j; k++)
 			b->new[k] = u.new[k];
-		err = uffd_run(hmm, b->start + (i << HMM_PAGE_SHIFT), b->start + (j << HMM_PAGE_SHIFT),
-			       hmm_uffd_continue);
-		if (err)
-			/*
-			 * Not mapped (a PROT_NONE view, say): a zap clears the
-			 * markers instead, and the next access faults as usual.
-			 */
-			hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
-					 b->start + (j << HMM_PAGE_SHIFT));
+		/* An error: the view is not ours any more, nor are its markers. */
+		map_over_markers(hmm, b->start + (i << HMM_PAGE_SHIFT),
+				 b->start + (j << HMM_PAGE_SHIFT));
 	}
 	return ret;
 }

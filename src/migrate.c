@@ -21,7 +21,10 @@
  * on this kernel allocating a shmem page costs ~2.3 us, six times a 4 KiB
  * memcpy, so freeing host frames on the way out and allocating them again on
  * the way back would make every migration several times slower than copying.
- * The frame is freed by hmm_munmap(), like the rest of the memfd.
+ * The frame is freed by hmm_munmap(), like the rest of the memfd. Except in
+ * foreign-madvise mode (HMM_INIT_FOREIGN_MADVISE), where the CPU view may not
+ * be zapped with madvise() (hmm_cpu_view_zap()): there the frame's punch is
+ * the zap, and the way back allocates.
  *
  * Everything here runs with busy pages held and no lock, so it may be called
  * from a CPU fault (in signal mode, from the SIGBUS handler: no malloc on the
@@ -29,6 +32,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -99,59 +103,135 @@ bool hmm_busy_mask_span(const struct hmm_busy *b, const uint64_t *mask, uintptr_
 	return true;
 }
 
-int hmm_cpu_view_zap(struct hmm *hmm, uintptr_t start, uintptr_t end)
+/*
+ * The probe: a userfaultfd call on the range fails unless every mapping in it
+ * is a view registered with our userfaultfd (-ENOENT), and while an event is
+ * unread (-EAGAIN: the kernel counts the mapping as changing). Clearing write
+ * protection is a no-op here (pages that are zapped are not SHARED); setting
+ * it is the first step of a zap without madvise(). -EAGAIN lasts until the
+ * fault thread reads the event, which is often about memory elsewhere: try
+ * again for a while (~2 ms) rather than fail the move. Not until the event
+ * is handled: its handling may wait for pages we hold.
+ * Return: 0; -EAGAIN the range is not our view (or not yet); -errno.
+ */
+static int cpu_view_probe(struct hmm *hmm, uintptr_t start, uintptr_t end, bool wp)
 {
-	/*
-	 * The probe: clearing write protection (a no-op here: pages that are
-	 * zapped are not SHARED) fails unless every mapping in the range is a
-	 * view registered with our userfaultfd (-ENOENT), and while an event
-	 * is unread (-EAGAIN: the kernel counts the mapping as changing).
-	 */
 	int ret, tries = 0;
 
-	/*
-	 * -EAGAIN lasts until the fault thread reads the event, which is
-	 * often about memory elsewhere: try again for a while (~2 ms) rather
-	 * than fail the move. Not until the event is handled: its handling may
-	 * wait for pages we hold.
-	 */
-	while ((ret = hmm_uffd_writeprotect(hmm->uffd, (void *)start, end - start, 0,
-					    HMM_UFFD_DONTWAKE)) == -EAGAIN && tries++ < 200)
+	/* The kernel refuses DONTWAKE when setting protection (nothing to wake). */
+	while ((ret = hmm_uffd_writeprotect(hmm->uffd, (void *)start, end - start, wp,
+					    wp ? 0 : HMM_UFFD_DONTWAKE)) == -EAGAIN && tries++ < 200)
 		nanosleep(&(struct timespec){ .tv_nsec = 10000 }, NULL);
 	if (ret == -ENOENT || ret == -EAGAIN)
 		return -EAGAIN;
-	/* No uffd event: the core does not ask for REMOVE events (docs/cpu-faults.md). */
+	return wp ? ret : 0;	/* clearing: only the probe matters */
+}
+
+int hmm_host_frames_punch(const struct hmm_span *s, uintptr_t start, uintptr_t end)
+{
+	if (fallocate(s->file->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		      (off_t)(s->offset + (start - s->start)), (off_t)(end - start)))
+		return -errno;
+	return 0;
+}
+
+/* The bytes of [off, off + len) of @fd written back, however long it takes. */
+static void restore_frames(int fd, const char *buf, size_t len, off_t off)
+{
+	while (len) {
+		ssize_t n = pwrite(fd, buf, len, off);
+
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+			off += n;
+		} else {
+			/* ENOMEM: the data is only in @buf now; never leave without it. */
+			nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+		}
+	}
+}
+
+/*
+ * A punch leaves the write protection of the zapped PTEs behind as markers
+ * (the kernel keeps uffd-wp across a file's pages going); a marker would
+ * make a later UFFDIO_POISON (hmm_device_lock()) fail with -EEXIST. Clearing
+ * the protection removes them. If it cannot (an event stays unread), they
+ * are harmless to faults: a CPU access is served as without them.
+ */
+static void drop_wp_markers(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	cpu_view_probe(hmm, start, end, false);
+}
+
+/*
+ * The zap without madvise() (foreign-madvise mode): the run is write-protected
+ * (the probe), so no CPU write lands from here on; each chunk of its frames
+ * is saved, punched out of the memfd (which drops every mapping of them and
+ * raises no uffd event) and written back into new frames. The CPU view then
+ * maps nothing there, and the data is in the memfd as before.
+ */
+static int zap_by_punch(struct hmm *hmm, const struct hmm_span *s, uintptr_t start, uintptr_t end)
+{
+	enum { CHUNK = 8 };
+	char buf[CHUNK << HMM_PAGE_SHIFT];
+	int ret = cpu_view_probe(hmm, start, end, true);
+
+	for (uintptr_t a = start; !ret && a < end; a += CHUNK << HMM_PAGE_SHIFT) {
+		size_t len = end - a < sizeof(buf) ? end - a : sizeof(buf);
+		off_t off = (off_t)(s->offset + (a - s->start));
+
+		memcpy(buf, hmm_span_dma(s, a), len);
+		ret = hmm_host_frames_punch(s, a, a + len);
+		if (!ret)
+			restore_frames(s->file->fd, buf, len, off);
+	}
+	if (!ret)
+		drop_wp_markers(hmm, start, end);
+	return ret;
+}
+
+static int zap_run(struct hmm *hmm, const struct hmm_span *s, uintptr_t start, uintptr_t end,
+		   bool keep_frames)
+{
+	int ret;
+
+	if (hmm->foreign_madvise)
+		return keep_frames ? zap_by_punch(hmm, s, start, end) :
+				     cpu_view_probe(hmm, start, end, true);
+	ret = cpu_view_probe(hmm, start, end, false);
+	if (ret)
+		return ret;
+	/* No uffd event: REMOVE events are off in this mode (hmm.h). */
 	if (madvise((void *)start, end - start, MADV_DONTNEED))
 		return errno == ENOMEM ? -EAGAIN : -errno;
 	return 0;
 }
 
-/*
- * Zaps the CPU view's PTEs of the selected pages: later CPU accesses fault.
- * A run whose CPU view is not ours any more gets -EAGAIN in @err: a foreign
- * munmap() or mremap() took it after the caller checked its span (for a move
- * the PTEs are at the new address now, and the zap would miss them); those
- * pages must not move.
- */
-static void zap_cpu(struct hmm *hmm, struct hmm_busy *b, const uint64_t *mask, int *err)
+int hmm_cpu_view_zap(struct hmm *hmm, const struct hmm_span *s, const struct hmm_busy *b,
+		     const uint64_t *mask, bool keep_frames, int *err)
 {
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+	int ret = 0;
 
-	for (size_t i = 0; i < n;) {
-		size_t j;
+	for (size_t i = 0, j; i < n; i = j) {
+		int r;
 
-		if (!hmm_bit_test(mask, i)) {
-			i++;
+		j = i + 1;
+		if (!hmm_bit_test(mask, i))
 			continue;
-		}
-		for (j = i + 1; j < n && hmm_bit_test(mask, j); j++)
-			;
-		if (hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
-				     b->start + (j << HMM_PAGE_SHIFT)))
-			for (size_t k = i; k < j; k++)
-				err[k] = -EAGAIN;
-		i = j;
+		while (j < n && hmm_bit_test(mask, j))
+			j++;
+		r = zap_run(hmm, s, b->start + (i << HMM_PAGE_SHIFT), b->start + (j << HMM_PAGE_SHIFT),
+			    keep_frames);
+
+		if (!r)
+			continue;
+		ret = -EAGAIN;
+		for (size_t k = i; err && k < j; k++)
+			err[k] = -EAGAIN;
 	}
+	return ret;
 }
 
 /* ---- The move ------------------------------------------------------------- */
@@ -399,6 +479,31 @@ static void free_source_frames(struct hmm *hmm, struct move *m)
 	}
 }
 
+/*
+ * Foreign-madvise mode: the host pages of @zap that were copied (write-
+ * protected since phase 1) give up their host frames, and with them every
+ * mapping of those frames: the CPU view's, wherever a concurrent mremap()
+ * moved it (page_state.h, HOST -> DEVICE). A run that cannot be punched
+ * does not move: its CPU view still maps the frame.
+ */
+static void punch_copied(struct move *m, const uint64_t *zap)
+{
+	for (size_t i = 0, j; i < m->n; i = j) {
+		int ret;
+
+		j = i + 1;
+		if (!hmm_bit_test(zap, i) || m->err[i])
+			continue;
+		while (j < m->n && hmm_bit_test(zap, j) && !m->err[j])
+			j++;
+		ret = hmm_host_frames_punch(m->span, page_addr(m, i), page_addr(m, j));
+		if (!ret)
+			drop_wp_markers(m->hmm, page_addr(m, i), page_addr(m, j));
+		for (size_t k = i; ret && k < j; k++)
+			m->err[k] = ret;
+	}
+}
+
 int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy *b,
 		   struct hmm_mirror_core *to, struct hmm_mirror_core *from, const struct hmm_device *owner)
 {
@@ -478,12 +583,22 @@ int hmm_move_pages(struct hmm *hmm, const struct hmm_span *span, struct hmm_busy
 	 * entries, or a device's fault would shoot down its own working set.
 	 */
 	hmm_inval_mirrors_mask(hmm, b, drop, HMM_EVENT_MIGRATE, owner);
-	zap_cpu(hmm, b, zap, m->err);
+	/*
+	 * A run whose CPU view is not ours any more gets -EAGAIN: a foreign
+	 * munmap() or mremap() took it after the caller checked its span (for
+	 * a move the PTEs are at the new address now, and a zap by address
+	 * would miss them); those pages must not move. In foreign-madvise mode
+	 * the runs are only write-protected here, and lose their mappings with
+	 * their frames after the copy (punch_copied()).
+	 */
+	hmm_cpu_view_zap(hmm, span, b, zap, false, m->err);
 
 	/* Phase 2: destination frames, then the copies. */
 	if (to)
 		alloc_frames(m);
 	copy_pages(m);
+	if (hmm->foreign_madvise)
+		punch_copied(m, zap);
 
 	/* Phase 3: commit what was copied, give back what was not. */
 	for (size_t i = 0; i < m->n; i++) {

@@ -1053,33 +1053,6 @@ static int host_entries(struct hmm *hmm, const struct hmm_span *s, uintptr_t a,
 }
 
 /*
- * Zaps the CPU view's PTEs of the pages of @b marked in @mask, a run at a
- * time. Return: 0; -EAGAIN a run's view is not ours any more (a foreign
- * munmap() or mremap() under way): its pages must not go exclusive.
- */
-static int zap_cpu_pages(struct hmm *hmm, const struct hmm_busy *b, const uint64_t *mask)
-{
-	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
-	int ret = 0;
-
-	for (size_t i = 0, j; i < n; i = j) {
-		for (j = i + 1; j < n && hmm_bit_test(mask, j) == hmm_bit_test(mask, i); j++)
-			;
-		/*
-		 * With the pages busy, as migration's zap (migrate.c): the zap
-		 * must be over before the device gets its exclusive entry, and
-		 * the busy pages keep an unmap from replacing the CPU view
-		 * meanwhile.
-		 */
-		if (hmm_bit_test(mask, i) &&
-		    hmm_cpu_view_zap(hmm, b->start + (i << HMM_PAGE_SHIFT),
-				     b->start + (j << HMM_PAGE_SHIFT)))
-			ret = -EAGAIN;
-	}
-	return ret;
-}
-
-/*
  * A memoryless mirror's fault over the busy pages @b, all in host memory now
  * (EMPTY, HOST or EXCLUSIVE; page_state.h). With @exclusive every page
  * becomes EXCLUSIVE(mc); without, pages exclusive to another mirror come
@@ -1093,8 +1066,8 @@ static bool exclusive_to_other(hmm_pte_t e, const struct hmm_mirror_core *mc)
 	return hmm_pte_state(e) == HMM_PTE_EXCLUSIVE && hmm_pte_device(e) != mc->id;
 }
 
-static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct hmm_busy *b,
-			    bool exclusive)
+static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc,
+			    const struct hmm_span *s, struct hmm_busy *b, bool exclusive)
 {
 	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 }, zap[HMM_BATCH_PAGES / 64] = { 0 };
 	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
@@ -1116,7 +1089,14 @@ static int host_exclusivity(struct hmm *hmm, struct hmm_mirror_core *mc, struct 
 		hmm_inval_begin(hmm, &iv, start, end);
 		/* Not the pages already exclusive to @mc: their entries stay. */
 		hmm_inval_mirrors_mask(hmm, b, drop, HMM_EVENT_EXCLUSIVE, mc->dev);
-		ret = zap_cpu_pages(hmm, b, zap);
+		/*
+		 * With the pages busy, as migration's zap: the zap must be
+		 * over before the device gets its exclusive entry, and the
+		 * busy pages keep an unmap from replacing the CPU view
+		 * meanwhile. -EAGAIN: a run's view is not ours any more (a
+		 * foreign munmap() or mremap() under way).
+		 */
+		ret = hmm_cpu_view_zap(hmm, s, b, zap, true, NULL);
 		hmm_inval_end(hmm, &iv);
 		if (ret)
 			return ret;	/* the pages stay as they were; their entries are gone: harmless */
@@ -1160,7 +1140,7 @@ static int placed_entries(struct hmm *hmm, struct hmm_mirror_core *mc, const str
 	if (ret)
 		return ret;
 	if (!mc->has_memory) {
-		ret = host_exclusivity(hmm, mc, b, exclusive);
+		ret = host_exclusivity(hmm, mc, s, b, exclusive);
 		if (ret)
 			return ret;
 	}

@@ -30,7 +30,8 @@
  *              devices may map the host frame (read-write if the region is
  *              writable), coherently with the CPU.
  *   DEVICE(d)  the only valid copy is device d's frame (entry: device,
- *              frame). The host frame is kept but stale, and the CPU view
+ *              frame). The host frame is kept but stale (punched out in
+ *              foreign-madvise mode, HMM_INIT_FOREIGN_MADVISE), and the CPU view
  *              does not map it, so a CPU access faults (MINOR, or MISSING if
  *              the page went to the device never touched). Device d may map
  *              it; no other device does.
@@ -82,7 +83,16 @@
  *                         fault                    the host frame); CPU view
  *                                                  zapped (MADV_DONTNEED), frame
  *                                                  allocated on d, copied
- *                                                  through the DMA view
+ *                                                  through the DMA view. In
+ *                                                  foreign-madvise mode the CPU
+ *                                                  view is write-protected
+ *                                                  instead, and after the copy
+ *                                                  the host frame is punched
+ *                                                  out of the memfd (which
+ *                                                  unmaps it everywhere; the
+ *                                                  protection is then cleared);
+ *                                                  a page whose punch fails
+ *                                                  stays HOST
  *   DEVICE(d)  HOST       CPU fault, hmm_migrate,  invalidates: d's entries
  *                         eviction, mirror         dropped (update(MIGRATE) +
  *                         release                  fence); copied into the host
@@ -127,6 +137,16 @@
  *   any        (same)     hmm_mprotect             invalidates (PROTECT): d faults
  *                                                  again and is mapped with the
  *                                                  new permission
+ *   HOST       HOST       a foreign madvise()      (HMM_INIT_FOREIGN_MADVISE, a
+ *   SHARED                (uffd REMOVE event,      REMOVE event, region.c) every
+ *   EXCLUSIVE             region.c)                device entry for the host
+ *   (d)                                            frame dropped (REMOVE);
+ *                                                  SHARED and EXCLUSIVE become
+ *                                                  HOST as below (a SHARED page
+ *                                                  whose CPU view cannot be
+ *                                                  write-enabled yet stays SHARED
+ *                                                  with no copy); DEVICE and
+ *                                                  LOCKED pages are left alone
  *
  *
  * Exclusive pages (mirror.c, fault.c, lock.c):
@@ -138,7 +158,10 @@
  *                                                  hole)
  *   HOST       EXCLUSIVE  exclusive fault of a     invalidates (EXCLUSIVE, every
  *              (d)        memoryless d             mirror, d too); CPU view
- *                                                  zapped (MADV_DONTNEED) with
+ *                                                  zapped (MADV_DONTNEED; in
+ *                                                  foreign-madvise mode write-
+ *                                                  protected, punched and
+ *                                                  written back) with
  *                                                  the page busy, as migration
  *                                                  zaps; then update(MAP) with
  *                                                  HMM_DPTE_EXCLUSIVE after the
@@ -163,12 +186,17 @@
  *   EXCLUSIVE,                                     zaps host pages), then poison
  *   DEVICE(any)                                    markers installed on the CPU
  *                                                  view (UFFDIO_POISON), all
- *                                                  with the pages busy
+ *                                                  with the pages busy; if the
+ *                                                  markers stop part way, the
+ *                                                  pages with one are LOCKED,
+ *                                                  the rest stay DEVICE(d)
  *   LOCKED(d)  HOST       hmm_device_unlock, d's   invalidates (MIGRATE), copied
  *                         mirror released          home as DEVICE -> HOST, then
  *                                                  mapped with CONTINUE, which
  *                                                  replaces the poison markers
- *                                                  (no zap)
+ *                                                  (no zap; a frame a foreign
+ *                                                  MADV_REMOVE punched since
+ *                                                  is zero-filled instead)
  *   LOCKED(d)  EMPTY      hmm_munmap, a foreign    as any -> EMPTY: d's frame
  *                         munmap                   freed; the markers go with
  *                                                  the CPU view

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "page_state.h"
 #include "uffd.h"
 
 static struct hmm_region_table *table_of(struct hmm *hmm)
@@ -826,6 +827,66 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 	free(old);
 	free(cut);
 	pthread_mutex_unlock(&hmm->lock);
+	hmm_reclaim_due(hmm, false);
+}
+
+/* ---- Foreign madvise() (HMM_INIT_FOREIGN_MADVISE) -------------------------------- */
+
+/*
+ * One batch of a REMOVE event's range. The event does not say which advice
+ * raised it: after MADV_DONTNEED the host frames keep their data; after
+ * MADV_REMOVE, which punches them once its caller resumes, a CPU access finds
+ * a zeroed one. Right for both: nothing but the CPU view may keep looking at
+ * a host frame of the range. SHARED pages lose their device copies (stale
+ * after MADV_REMOVE; dropped with HMM_EVENT_MIGRATE as any collapse drops
+ * them); HOST and EXCLUSIVE pages lose every device entry (HMM_EVENT_REMOVE),
+ * and EXCLUSIVE pages go back to HOST (page_state.h). DEVICE and LOCKED pages
+ * have no host frame in use and keep their data and entries.
+ *
+ * A SHARED page whose CPU view cannot be write-enabled yet (another event is
+ * unread, and only this thread reads it) stays SHARED with no copy left,
+ * which is all this needs: no retry here, where a retry would wait for the
+ * reader.
+ */
+static int removed_batch(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy *b, void *arg)
+{
+	uint64_t drop[HMM_BATCH_PAGES / 64] = { 0 };
+	size_t n = (b->end - b->start) >> HMM_PAGE_SHIFT;
+	struct hmm_range_node iv;
+	uintptr_t start, end;
+
+	(void)s;
+	(void)arg;
+	hmm_dup_collapse(hmm, b, NULL, NULL);	/* SHARED -> HOST, or SHARED with no copy */
+	for (size_t i = 0; i < n; i++) {
+		enum hmm_pte_state st = hmm_pte_state(b->new[i]);
+
+		if (hmm_busy_taken(b, i) && (st == HMM_PTE_HOST || st == HMM_PTE_EXCLUSIVE))
+			hmm_bit_set(drop, i);
+	}
+	if (!hmm_busy_mask_span(b, drop, &start, &end))
+		return 0;
+	hmm_inval_begin(hmm, &iv, start, end);
+	/* Only those pages: a device's own pages among them keep their entries. */
+	hmm_inval_mirrors_mask(hmm, b, drop, HMM_EVENT_REMOVE, NULL);
+	for (size_t i = 0; i < n; i++)
+		if (hmm_bit_test(drop, i) && hmm_pte_state(b->new[i]) == HMM_PTE_EXCLUSIVE)
+			/* EXCLUSIVE(d) -> HOST: page_state.h. */
+			b->new[i] = hmm_pte_make(HMM_PTE_HOST, 0, 0, hmm_pte_keep_flags(b->new[i]));
+	hmm_inval_end(hmm, &iv);
+	return 0;
+}
+
+void hmm_region_removed(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	if ((start | end) & ~HMM_PAGE_MASK || !hmm_range_valid(start, end))
+		return;
+	/*
+	 * The range is one CPU view (the kernel sends an event per mapping),
+	 * so -EFAULT means it is not, or no longer, libhmm memory: nothing
+	 * to do there.
+	 */
+	hmm_for_each_batch(hmm, start, end, 2, removed_batch, NULL, NULL);
 	hmm_reclaim_due(hmm, false);
 }
 

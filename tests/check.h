@@ -26,6 +26,18 @@ static inline void test_skip_without_uffd(int err)
 	}
 }
 
+/*
+ * hmm_init() flags for this run: $HMM_TEST_INIT_FLAGS, else 0. ctest runs
+ * some tests a second time with HMM_INIT_FOREIGN_MADVISE (their "_fm" twin,
+ * tests/CMakeLists.txt), so that every case of them covers that mode too.
+ */
+static inline unsigned int test_init_flags(void)
+{
+	const char *e = getenv("HMM_TEST_INIT_FLAGS");
+
+	return e ? (unsigned int)strtoul(e, NULL, 0) : 0;
+}
+
 #define CHECK(cond)                                                          \
 	do {                                                                 \
 		if (!(cond)) {                                               \

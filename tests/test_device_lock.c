@@ -79,7 +79,7 @@ static struct simdev *with_memory(size_t bytes)
 
 static void start(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 
 	CHECK_EQ(hmm_init(&o, &hmm), 0);
 }

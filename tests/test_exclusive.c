@@ -314,7 +314,7 @@ static void exclusive_vs_mprotect_munmap_migrate(void)
 
 static void run(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 	int err = hmm_init(&o, &hmm);
 
 	test_skip_without_uffd(err);

@@ -1012,7 +1012,7 @@ static void death_races_movers(void)
 
 static void all(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 
 	fprintf(stderr, "%s mode\n", mode == HMM_FAULT_THREAD ? "thread" : "signal");
 	CHECK_EQ(hmm_init(&o, &hmm), 0);

@@ -800,7 +800,7 @@ int main(void)
 	CHECK_EQ(sigaction(SIGBUS, &sa, NULL), 0);
 	CHECK_EQ(sigaction(SIGSEGV, &sa, NULL), 0);
 	for (int m = 0; m < 2; m++) {
-		struct hmm_options o = { .sz = sizeof(o), .fault_mode = modes[m] };
+		struct hmm_options o = { .sz = sizeof(o), .fault_mode = modes[m] , .flags = test_init_flags() };
 		struct simdev_options so = { .sz = sizeof(so), .mem_bytes = 32 * MiB };
 
 		mode = modes[m];

@@ -119,7 +119,7 @@ int main(void)
 	static const enum hmm_fault_mode modes[] = { HMM_FAULT_THREAD, HMM_FAULT_SIGNAL };
 
 	for (int m = 0; m < 2; m++) {
-		struct hmm_options o = { .sz = sizeof(o), .fault_mode = modes[m] };
+		struct hmm_options o = { .sz = sizeof(o), .fault_mode = modes[m] , .flags = test_init_flags() };
 
 		fprintf(stderr, "%s mode\n", m ? "signal" : "thread");
 		CHECK_EQ(hmm_init(&o, &hmm), 0);

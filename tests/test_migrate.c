@@ -62,7 +62,7 @@ static struct hmm_stats stats(void)
 
 static void start(enum hmm_fault_mode m)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = m };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = m , .flags = test_init_flags() };
 
 	CHECK_EQ(hmm_init(&o, &hmm), 0);
 }

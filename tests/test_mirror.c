@@ -66,7 +66,7 @@ static void verify(const uint64_t *p, size_t pages, unsigned int gen)
 
 static void start(void)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 
 	CHECK_EQ(hmm_init(&o, &hmm), 0);
 }

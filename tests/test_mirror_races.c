@@ -36,7 +36,7 @@ static uint64_t seed;
 
 static void start(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 
 	CHECK_EQ(hmm_init(&o, &hmm), 0);
 }

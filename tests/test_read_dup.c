@@ -600,7 +600,7 @@ static void syscall_writes_duplicated_page(void)
 
 static void run_mode(enum hmm_fault_mode mode)
 {
-	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
+	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode , .flags = test_init_flags() };
 	int err = hmm_init(&o, &hmm);
 
 	test_skip_without_uffd(err);

@@ -68,7 +68,7 @@ static void check_kernel(struct simdev_thread *t, unsigned int index, unsigned i
 
 static void unregister_during_migration(enum hmm_fault_mode mode)
 {
-	struct hmm_options ho = { .sz = sizeof(ho), .fault_mode = mode };
+	struct hmm_options ho = { .sz = sizeof(ho), .fault_mode = mode , .flags = test_init_flags() };
 	int outcome[2][2] = { { 0 } };		/* [mirror path][fence -ENODEV] */
 	struct simdev *sd;
 	struct hmm_stats st;

@@ -429,6 +429,7 @@ int simdev_mmu_update(struct hmm_mirror *mirror, const struct hmm_event *event,
 	case HMM_EVENT_PROTECT:
 	case HMM_EVENT_DISCARD:
 	case HMM_EVENT_EXCLUSIVE:
+	case HMM_EVENT_REMOVE:
 		/* Page aligned by contract; rounded outwards all the same. */
 		mmu_drop(sd, event->start >> SIMDEV_PAGE_SHIFT,
 			 (event->end >> SIMDEV_PAGE_SHIFT) +

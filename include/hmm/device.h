@@ -130,6 +130,15 @@ enum hmm_event_type {
 	 * them (@owner NULL or the other device).
 	 */
 	HMM_EVENT_EXCLUSIVE,
+	/*
+	 * A drop: a foreign madvise() (MADV_DONTNEED, MADV_REMOVE) reached the
+	 * CPU view of [start, end) (seen only with HMM_INIT_FOREIGN_MADVISE,
+	 * hmm.h). The host frames there may be about to be freed and replaced
+	 * by zeroed ones, so every entry for a host page of the range goes:
+	 * the device faults again and gets the frame the memfd has then. Pages
+	 * living on a device keep their data and their entries. @owner NULL.
+	 */
+	HMM_EVENT_REMOVE,
 };
 
 static inline bool hmm_event_is_drop(enum hmm_event_type type)
