@@ -140,8 +140,13 @@ static int lock_pages(struct hmm *hmm, const struct hmm_span *s, struct hmm_busy
 		 * DEVICE(d) -> LOCKED(d): page_state.h. If the markers stop
 		 * part way, the pages that have one are locked (no zap to take
 		 * them out again: see map_over_markers()) and the rest stay
-		 * DEVICE(d), unlocked.
+		 * DEVICE(d), unlocked. A uffd-wp marker left where the CPU
+		 * view maps nothing (a punch in foreign-madvise mode whose
+		 * marker clearing missed: migrate.c) would refuse the poison
+		 * (-EEXIST): clearing write protection first removes it.
 		 */
+		hmm_uffd_writeprotect(hmm->uffd, (void *)(b->start + (i << HMM_PAGE_SHIFT)),
+				      (j - i) << HMM_PAGE_SHIFT, 0, HMM_UFFD_DONTWAKE);
 		err = uffd_run(hmm, b->start + (i << HMM_PAGE_SHIFT), b->start + (j << HMM_PAGE_SHIFT),
 			       hmm_uffd_poison, &reached);
 		for (size_t k = i; k < j && b->start + (k << HMM_PAGE_SHIFT) < reached; k++)

@@ -329,15 +329,18 @@ struct race {
 	atomic_long rounds;
 };
 
-/* Writes round r into word 0 and the last word of every page, again and again. */
+/*
+ * Writes round r into word 0 and the last word of every page, again and
+ * again (relaxed atomics: the main thread reads them meanwhile, on purpose).
+ */
 static void *writer(void *arg)
 {
 	struct race *r = arg;
 
 	for (uint64_t round = 1; !atomic_load(&r->stop); round++) {
 		for (size_t o = 0; o < RACE_LEN; o += PAGE) {
-			*(volatile uint64_t *)(r->p + o) = round;
-			*(volatile uint64_t *)(r->p + o + PAGE - 8) = round;
+			__atomic_store_n((uint64_t *)(r->p + o), round, __ATOMIC_RELAXED);
+			__atomic_store_n((uint64_t *)(r->p + o + PAGE - 8), round, __ATOMIC_RELAXED);
 		}
 		atomic_store(&r->rounds, (long)round);
 	}
@@ -368,7 +371,8 @@ static void cpu_writes_race_migrations(void)
 		if (!(i & 1)) {
 			/* What a page holds now is at least the round finished before. */
 			for (size_t o = 0; o < RACE_LEN; o += PAGE)
-				CHECK(*(volatile uint64_t *)(r.p + o + PAGE - 8) >= (uint64_t)done);
+				CHECK(__atomic_load_n((uint64_t *)(r.p + o + PAGE - 8),
+						      __ATOMIC_RELAXED) >= (uint64_t)done);
 		}
 	}
 	atomic_store(&r.stop, true);
