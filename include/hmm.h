@@ -369,7 +369,7 @@ struct hmm_stats {
 	uint64_t pages_duplicated;	/* read-only device copies made (HMM_ADV_READ_MOSTLY) */
 	uint64_t pages_dup_collapsed;	/* duplicated pages written (or advised NORMAL):
 					   back to one copy */
-	uint64_t foreign_madvise_events;/* foreign madvise() calls seen (REMOVE events,
+	uint64_t foreign_madvise_events;/* foreign madvise() calls handled (REMOVE events,
 					   HMM_INIT_FOREIGN_MADVISE) */
 };
 

@@ -206,9 +206,10 @@ static bool handle_event(struct hmm *hmm, const struct uffd_msg *msg)
 		 * raises none itself): the caller resumed when we read this,
 		 * and zaps or punches now.
 		 */
-		atomic_fetch_add(&hmm->stat.foreign_madvise_events, 1);
 		hmm_region_removed(hmm, (uintptr_t)msg->arg.remove.start,
 				   (uintptr_t)msg->arg.remove.end);
+		/* Counted once handled: a reader of the count sees the work done. */
+		atomic_fetch_add(&hmm->stat.foreign_madvise_events, 1);
 		return true;
 	}
 	return false;
