@@ -30,8 +30,9 @@
  *              devices may map the host frame (read-write if the region is
  *              writable), coherently with the CPU.
  *   DEVICE(d)  the only valid copy is device d's frame (entry: device,
- *              frame). The host frame is kept but stale (punched out in
- *              foreign-madvise mode, HMM_INIT_FOREIGN_MADVISE), and the CPU view
+ *              frame). The host frame is kept but stale (in foreign-madvise
+ *              mode, HMM_INIT_FOREIGN_MADVISE, a page that left the CPU view
+ *              for the device had its frame punched out), and the CPU view
  *              does not map it, so a CPU access faults (MINOR, or MISSING if
  *              the page went to the device never touched). Device d may map
  *              it; no other device does.
