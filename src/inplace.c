@@ -79,11 +79,6 @@
 #include "internal.h"
 #include "uffd.h"
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ	22	/* 5.14 */
-#define MADV_POPULATE_WRITE	23
-#endif
-
 /* /proc/PID/maps PROCMAP_QUERY (6.11; linux/fs.h), newer than the installed headers. */
 struct hmm_procmap_query {
 	uint64_t size;

@@ -68,6 +68,11 @@
 #include "hmm/device.h"
 #include "devmem.h"
 #include "pt.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ	22	/* 5.14, newer than the installed headers */
+#define MADV_POPULATE_WRITE	23
+#endif
 #include "rcu.h"
 #include "util.h"
 

@@ -328,6 +328,24 @@ static int device_addrs(struct hmm_mirror_core *mc, const uint64_t *frames, size
 }
 
 /*
+ * Foreign-madvise mode: the host frames of slots [0, nr) (m->idx) were
+ * punched when their pages left, so the copy home would allocate each on a
+ * page fault of the DMA view. One MADV_POPULATE_WRITE per run of adjacent
+ * pages allocates and maps them in bulk instead (the DMA view is not
+ * registered with the userfaultfd: no event). A failure is left to the copy,
+ * which faults the frames in itself.
+ */
+static void populate_host_frames(const struct move *m, size_t nr)
+{
+	for (size_t s = 0, t; s < nr; s = t) {
+		for (t = s + 1; t < nr && m->idx[t] == m->idx[t - 1] + 1; t++)
+			;
+		madvise(hmm_span_dma(m->span, page_addr(m, m->idx[s])), (t - s) << HMM_PAGE_SHIFT,
+			MADV_POPULATE_WRITE);
+	}
+}
+
+/*
  * Phase 2's copies. Pages are grouped by where they come from (zero, host,
  * each source device); each group is one copy() call; all fences are waited
  * for at the end. A failed group marks its pages.
@@ -405,6 +423,8 @@ static void copy_pages(struct move *m)
 			for (size_t s = 0; s < nr; s++)
 				m->dst[s] = (uint64_t)(uintptr_t)hmm_span_dma(m->span,
 									 page_addr(m, m->idx[s]));
+			if (m->hmm->foreign_madvise)
+				populate_host_frames(m, nr);
 			c.dst = m->dst;
 			issue_copy(m, from->dev, &c, nr, tag, &fs, group_err);
 		} else {
