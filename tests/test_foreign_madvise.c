@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "pattern.h"
 #include "simdev_check.h"
 #include "hmm.h"
 #include "hmm/simdev.h"
@@ -41,23 +42,6 @@ static struct hmm *hmm;
 static struct simdev *sd;	/* with memory */
 static struct simdev *msd;	/* memoryless: maps host frames */
 static bool flagged;		/* HMM_INIT_FOREIGN_MADVISE this pass */
-
-static uint64_t word(size_t off, uint64_t salt)
-{
-	return (off + 1) * 0x9e3779b97f4a7c15ull ^ salt;
-}
-
-static void fill(char *p, size_t len, uint64_t salt)
-{
-	for (size_t o = 0; o < len; o += 8)
-		*(uint64_t *)(p + o) = word(o, salt);
-}
-
-static void cpu_check(const char *p, size_t from, size_t to, uint64_t salt, bool zero)
-{
-	for (size_t o = from; o < to; o += 8)
-		CHECK_EQ_U64(*(const uint64_t *)(p + o), zero ? 0 : word(o, salt));
-}
 
 static struct hmm_stats stats(void)
 {

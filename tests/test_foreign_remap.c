@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "pattern.h"
 #include "simdev_check.h"
 #include "fake_device.h"
 #include "hmm.h"
@@ -40,24 +41,6 @@
 static struct hmm *hmm;
 static struct simdev *sd;
 static enum hmm_fault_mode mode;
-
-static uint64_t word(size_t off, uint64_t salt)
-{
-	return (off + 1) * 0x9e3779b97f4a7c15ull ^ salt;
-}
-
-static void fill(char *p, size_t len, uint64_t salt)
-{
-	for (size_t o = 0; o < len; o += 8)
-		*(uint64_t *)(p + o) = word(o, salt);
-}
-
-/* Every word of [p + from, p + to) on the CPU: word(offset in the mapping) or 0. */
-static void cpu_check(const char *p, size_t from, size_t to, uint64_t salt, bool zero)
-{
-	for (size_t o = from; o < to; o += 8)
-		CHECK_EQ_U64(*(const uint64_t *)(p + o), zero ? 0 : word(o, salt));
-}
 
 /* A range of VA nobody uses, for MREMAP_FIXED (replacing the reservation raises no event). */
 static char *reserve(size_t len)
