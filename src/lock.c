@@ -65,7 +65,7 @@ static int uffd_run(struct hmm *hmm, uintptr_t start, uintptr_t end,
 
 		ret = fn(hmm->uffd, (void *)start, end - start, 0, &done);
 		start += done;
-		if (ret == 0 || ret != -EAGAIN)
+		if (ret != -EAGAIN)
 			break;
 		if (!done)
 			sched_yield();
