@@ -22,7 +22,8 @@
  *            before hmm_fini(); bit 2 the simdevs are destroyed after
  *            hmm_fini() instead of before; bit 3 hmm_init() twice (-EEXIST);
  *            bit 4 the last simdev is memoryless (SIMDEV_MEMORYLESS: it
- *            maps host frames in place, hmm_migrate() to it is -EOPNOTSUPP)
+ *            maps host frames in place, hmm_migrate() to it is -EOPNOTSUPP);
+ *            bit 5 HMM_INIT_FOREIGN_MADVISE (the core zaps by punching)
  *   then     operations, one selector byte each (enum op) and its arguments,
  *            at most MAX_OPS of them.
  *
@@ -1145,6 +1146,7 @@ static void setup(uint8_t c0, uint8_t c1)
 		.fault_mode = c0 & 1 ? HMM_FAULT_SIGNAL : HMM_FAULT_THREAD,
 		.fault_around_bytes = around[c0 >> 2 & 3],
 		.device_fault_around_bytes = c0 & 16 ? PAGE : 0,
+		.flags = c1 & 32 ? HMM_INIT_FOREIGN_MADVISE : 0,
 	};
 	struct hmm *again = NULL;
 	int ret;
