@@ -597,19 +597,16 @@ static hmm_pte_t move_entry_fn(void *arg, uintptr_t addr, hmm_pte_t old)
 
 /*
  * Puts the logical entries of @mp's pages, which the caller holds busy at
- * their old addresses, at their new ones (busy there too), and tells device
- * memory where its pages live now. Return: 0; -ENOMEM (nothing moved).
+ * their old addresses and at their new ones, at their new ones (busy there
+ * still), and tells device memory where its pages live now. Cannot fail: the
+ * new addresses' directories exist, since the caller took those pages.
  */
-static int move_entries(struct hmm *hmm, const struct moved_piece *mp)
+static void move_entries(struct hmm *hmm, const struct moved_piece *mp)
 {
 	uintptr_t to_end = mp->to + (mp->end - mp->start);
 	struct move_arg m = { .hmm = hmm, .mp = mp };
-	int ret = hmm_pt_update(&hmm->pt, mp->to, to_end, 0, move_entry_fn, &m);
 
-	if (ret) {
-		hmm_pt_clear(&hmm->pt, mp->to, to_end, NULL);
-		return ret;
-	}
+	hmm_pt_update(&hmm->pt, mp->to, to_end, HMM_PT_PRESENT_ONLY, move_entry_fn, &m);
 	for (uintptr_t a = mp->start; a < mp->end; a += HMM_PAGE_SIZE) {
 		hmm_pte_t e = hmm_pt_lookup(&hmm->pt, a);
 
@@ -617,7 +614,13 @@ static int move_entries(struct hmm *hmm, const struct moved_piece *mp)
 			hmm_devmem_set_owner(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem,
 					     hmm_pte_frame(e), a - mp->start + mp->to);
 	}
-	return 0;
+}
+
+/* Takes [start, end) busy, waiting for a page-table directory that cannot be allocated now. */
+static void busy_lock_range_wait(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	while (hmm_busy_lock_range(hmm, start, end))
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 }
 
 static hmm_pte_t shared_to_host_fn(void *arg, uintptr_t addr, hmm_pte_t old)
@@ -790,11 +793,27 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 	 * 2. Own the pages: moves and faults that found them earlier finish
 	 *    first. The kernel has moved the mapping already, so this cannot
 	 *    fail: a page-table directory that cannot be allocated now is
-	 *    waited for.
+	 *    waited for. The new addresses are owned too, before their entries
+	 *    are written: a move or fault that found a region there before it
+	 *    went (an earlier munmap or mremap) may hold them, busy and EMPTY,
+	 *    until it sees its region gone, and would then release them with
+	 *    EMPTY over the moved entries (device pages' data lost, then
+	 *    zero-filled: test_foreign_remap, stale_owner_meets_move_back).
+	 *    The two ranges never overlap (mremap() refuses that); the lower is
+	 *    taken first (busy.c's order: a page is waited for only above every
+	 *    page held).
 	 */
-	for (size_t i = 0; i < nr; i++)
-		while (hmm_busy_lock_range(hmm, mp[i].start, mp[i].end))
-			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	for (int pass = 0; pass < 2; pass++) {
+		bool new_first = to < from, new_range = (pass == 0) == new_first;
+
+		for (size_t i = 0; i < nr; i++) {
+			if (new_range)
+				busy_lock_range_wait(hmm, mp[i].to,
+						     mp[i].to + (mp[i].end - mp[i].start));
+			else
+				busy_lock_range_wait(hmm, mp[i].start, mp[i].end);
+		}
+	}
 	for (size_t i = 0; i < nr; i++) {
 		/* 3. Devices drop every entry of the old range; the data stays where it is. */
 		struct hmm_range_node iv;
@@ -806,8 +825,7 @@ void hmm_region_move(struct hmm *hmm, uintptr_t from, uintptr_t to, size_t len)
 		shared |= hmm_dup_drop_range(hmm, mp[i].start, mp[i].end) != 0;
 		hmm_inval_end(hmm, &iv);
 		/* 4. The entries, still busy, at the new addresses. */
-		while (move_entries(hmm, &mp[i]))
-			nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+		move_entries(hmm, &mp[i]);
 		if (pagemap >= 0)
 			keep_cpu_mapped(hmm, &mp[i], pagemap);
 		if (shared)

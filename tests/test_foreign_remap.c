@@ -584,6 +584,223 @@ static void zap_spares_foreign_mapping(void)
 	fake_free(fd);
 }
 
+/*
+ * A move into an address that was libhmm memory before must own the pages
+ * there before it writes their entries. A move or fault that found the old
+ * region takes its pages busy in address order; once an earlier move took
+ * them away, the ones it gets are EMPTY, and it holds them until it sees
+ * (having waited for a higher page) that its region is gone. A move back
+ * into that hole wrote its entries over them, and the stale owner then let
+ * go of them with EMPTY: the moved pages lost their entries (a device page
+ * its data; a fault or migration then zero-filled them): the likely cause
+ * of the zeros once read in move_under_reading_kernel, where simdev kernels
+ * that started before several moves fault at old addresses (busy.c's
+ * assertion catches the release where it is compiled in). Here the stale
+ * owner is a migration of one 2 MiB window, held (drop fences of a
+ * memoryless device that maps the window, one gate per range) first below
+ * the hole, then above it:
+ *
+ *   W          +256K    +512K     +1M           +1.5M         +2M
+ *   |  taken   | gate 0 |  hole   |   taken      | gate 1 ...  |
+ *
+ * the hole moves away (its drop held by gate 2 until the migration waits
+ * for it), then back while the migration holds it, before gate 1 opens.
+ */
+struct range_gate {
+	uintptr_t start, end;
+	atomic_int closed, waiting;
+};
+
+#define RANGE_GATES 3
+
+struct range_gated_device {
+	struct hmm_device dev;
+	struct hmm_mirror mirror;
+	struct range_gate gate[RANGE_GATES];
+};
+
+struct range_gated_fence {
+	struct hmm_fence base;
+	struct range_gated_device *gd;
+	uintptr_t start, end;
+};
+
+static int range_gated_wait(struct hmm_fence *f)
+{
+	struct range_gated_fence *gf = (struct range_gated_fence *)f;
+
+	for (int k = 0; k < RANGE_GATES; k++) {
+		struct range_gate *g = &gf->gd->gate[k];
+
+		if (gf->start >= g->end || gf->end <= g->start)
+			continue;
+		atomic_fetch_add(&g->waiting, 1);
+		while (atomic_load(&g->closed))
+			nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+	}
+	return 0;
+}
+
+static const struct hmm_fence_ops range_gated_fence_ops = { .wait = range_gated_wait,
+							    .release = gated_fence_release };
+
+static int range_gated_update(struct hmm_mirror *m, const struct hmm_event *ev,
+			      struct hmm_fence **f)
+{
+	struct range_gated_fence *gf;
+
+	if (!hmm_event_is_drop(ev->type))
+		return 0;
+	gf = calloc(1, sizeof(*gf));
+	CHECK(gf);
+	hmm_fence_init(&gf->base, &range_gated_fence_ops);
+	gf->gd = (struct range_gated_device *)m->device;
+	gf->start = ev->start;
+	gf->end = ev->end;
+	*f = &gf->base;
+	return 0;
+}
+
+static const struct hmm_device_ops range_gated_ops = { .update = range_gated_update };
+
+static void await_waiting(struct range_gate *g)
+{
+	while (!atomic_load(&g->waiting))
+		nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+}
+
+struct mover {
+	char *from, *to;
+	size_t len;
+};
+
+static void *mover_thread(void *arg)
+{
+	struct mover *mv = arg;
+
+	move_to(mv->from, mv->len, mv->len, mv->to, 0);
+	return NULL;
+}
+
+static void *migrate_any_thread(void *arg)
+{
+	struct migrate_job *j = arg;
+	int ret = hmm_migrate(hmm, j->p, j->len, j->to, 0, NULL);
+
+	/* -EFAULT: it looked again while the hole was not ours. */
+	CHECK(ret == 0 || ret == -EFAULT);
+	return NULL;
+}
+
+/* One try; false if another thread mapped the hole while it was free. */
+static bool stale_owner_round(struct range_gated_device *gd, struct fake_device *fd,
+			      uint64_t salt)
+{
+	const size_t len = 4 * MiB, win = 2 * MiB;
+	char *p, *w, *hole, *spot = reserve(MiB / 2), *r;
+	struct migrate_job z1, z2, x;
+	struct mover away, back;
+	pthread_t tz1, tz2, tx, tm;
+	bool done;
+
+	CHECK_EQ(hmm_mmap(hmm, len, PROT_READ | PROT_WRITE, 0, (void **)&p), 0);
+	fill(p, len, salt);
+	w = p + (-(uintptr_t)p & (win - 1));	/* a whole migration window */
+	hole = w + MiB / 2;
+	z1 = (struct migrate_job){ .p = w + MiB / 4, .len = PAGE, .to = &fd->dev };
+	z2 = (struct migrate_job){ .p = w + 3 * MiB / 2, .len = PAGE, .to = &fd->dev };
+	x = (struct migrate_job){ .p = w, .len = win, .to = &fd->dev };
+	away = (struct mover){ .from = hole, .to = spot, .len = MiB / 2 };
+	back = (struct mover){ .from = spot, .to = hole, .len = MiB / 2 };
+	gd->gate[0] = (struct range_gate){ .start = (uintptr_t)z1.p, .end = (uintptr_t)z1.p + PAGE };
+	gd->gate[1] = (struct range_gate){ .start = (uintptr_t)z2.p, .end = (uintptr_t)z2.p + PAGE };
+	gd->gate[2] = (struct range_gate){ .start = (uintptr_t)hole,
+					   .end = (uintptr_t)hole + MiB / 2 };
+	/*
+	 * The gated device maps the window, and holds the gated single pages
+	 * exclusive: their moves drop its entries without zapping the CPU view,
+	 * which fails while an event is unread (the held move's), and would make
+	 * them retry rather than end.
+	 */
+	CHECK_EQ(hmm_mirror_fault(&gd->mirror, (uintptr_t)w, (uintptr_t)w + win, 0), 0);
+	CHECK_EQ(hmm_mirror_fault(&gd->mirror, (uintptr_t)z1.p, (uintptr_t)z1.p + PAGE,
+				  HMM_FAULT_WRITE | HMM_FAULT_EXCLUSIVE), 0);
+	CHECK_EQ(hmm_mirror_fault(&gd->mirror, (uintptr_t)z2.p, (uintptr_t)z2.p + PAGE,
+				  HMM_FAULT_WRITE | HMM_FAULT_EXCLUSIVE), 0);
+	for (int k = 0; k < RANGE_GATES; k++) {
+		atomic_store(&gd->gate[k].closed, 1);
+		atomic_store(&gd->gate[k].waiting, 0);	/* the faults' own drops passed */
+	}
+
+	/* Two single pages held by migrations; the window's migration waits below the hole. */
+	CHECK_EQ(pthread_create(&tz1, NULL, migrate_any_thread, &z1), 0);
+	await_waiting(&gd->gate[0]);
+	CHECK_EQ(pthread_create(&tz2, NULL, migrate_any_thread, &z2), 0);
+	await_waiting(&gd->gate[1]);
+	CHECK_EQ(pthread_create(&tx, NULL, migrate_any_thread, &x), 0);
+	nanosleep(&(struct timespec){ .tv_nsec = 50000000 }, NULL);
+	/* The hole moves away; its handling holds the hole's pages in gate3. */
+	CHECK_EQ(pthread_create(&tm, NULL, mover_thread, &away), 0);
+	await_waiting(&gd->gate[2]);
+	/* The migration goes on up to the hole, and waits for it. */
+	atomic_store(&gd->gate[0].closed, 0);
+	CHECK_EQ(pthread_join(tz1, NULL), 0);
+	nanosleep(&(struct timespec){ .tv_nsec = 50000000 }, NULL);
+	/* The move ends; the migration takes the hole's (EMPTY) pages, and waits at gate2. */
+	atomic_store(&gd->gate[2].closed, 0);
+	CHECK_EQ(pthread_join(tm, NULL), 0);
+	nanosleep(&(struct timespec){ .tv_nsec = 50000000 }, NULL);
+	/* Back into the hole, unless another thread mapped there meanwhile. */
+	r = mmap(hole, MiB / 2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
+		 0);
+	done = r == hole;
+	if (done) {
+		CHECK_EQ(pthread_create(&tm, NULL, mover_thread, &back), 0);
+		nanosleep(&(struct timespec){ .tv_nsec = 50000000 }, NULL);
+	} else if (r != MAP_FAILED) {
+		munmap(r, MiB / 2);
+	}
+	/* The migration sees its window changed, lets go, and looks again. */
+	atomic_store(&gd->gate[1].closed, 0);
+	CHECK_EQ(pthread_join(tz2, NULL), 0);
+	CHECK_EQ(pthread_join(tx, NULL), 0);
+	if (!done) {
+		CHECK_EQ(hmm_munmap(hmm, p, hole - p), 0);
+		CHECK_EQ(hmm_munmap(hmm, spot, MiB / 2), 0);
+		CHECK_EQ(hmm_munmap(hmm, hole + MiB / 2, p + len - (hole + MiB / 2)), 0);
+		return false;
+	}
+	CHECK_EQ(pthread_join(tm, NULL), 0);
+	/* Every page kept its data, there and through moves both ways. */
+	cpu_check(p, 0, len, salt, false);
+	CHECK_EQ(hmm_migrate(hmm, p, len, &fd->dev, 0, NULL), 0);
+	CHECK_EQ(hmm_migrate(hmm, p, len, NULL, 0, NULL), 0);
+	cpu_check(p, 0, len, salt, false);
+	CHECK_EQ(hmm_munmap(hmm, p, len), 0);
+	return true;
+}
+
+static void stale_owner_meets_move_back(void)
+{
+	struct range_gated_device gd = { .dev = { .ops = &range_gated_ops, .name = "gated" } };
+	struct fake_device *fd = fake_new(8);
+	int hits = 0, round;
+
+	gd.mirror.device = &gd.dev;
+	CHECK_EQ(hmm_device_register(&gd.dev), 0);
+	CHECK_EQ(hmm_mirror_register(hmm, &gd.mirror), 0);
+	fake_attach(hmm, fd);
+	for (round = 0; round < 8 && hits < 2; round++)
+		hits += stale_owner_round(&gd, fd, 0x57a1e0 + round);
+	fprintf(stderr, "    %d of %d rounds moved the hole back\n", hits, round);
+	CHECK(hits > 0);
+	CHECK_EQ(hmm_mirror_unregister(&gd.mirror), 0);
+	CHECK_EQ(hmm_device_unregister(&gd.dev), 0);
+	CHECK_EQ(hmm_mirror_unregister(&fd->mirror), 0);
+	CHECK_EQ(hmm_device_unregister(&fd->dev), 0);
+	fake_free(fd);
+}
+
 /* ---- Concurrent: a kernel reading while the range moves back and forth ------ */
 
 struct reader {
@@ -804,6 +1021,7 @@ int main(void)
 		no_violations();
 		RUN(stale_fault_meets_new_mapping);
 		RUN(zap_spares_foreign_mapping);
+		RUN(stale_owner_meets_move_back);
 		RUN(move_under_reading_kernel);
 		no_violations();
 		RUN(stress_migrations_vs_foreign_calls);
