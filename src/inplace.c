@@ -65,6 +65,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,7 +107,17 @@ struct vma {
 	int prot;			/* PROT_READ / PROT_WRITE */
 	uint64_t dev, ino;		/* the file mapped, as stat() names it; 0 anonymous */
 	size_t page_size;		/* hugetlbfs: its huge page size */
+	bool libhmm_file;		/* one of libhmm's memfds (HMM_MEMFD_NAME) */
 };
+
+#define LIBHMM_MEMFD_PATH "/memfd:" HMM_MEMFD_NAME " "	/* then "(deleted)" */
+
+/* Is the pathname of a mapping that of one of libhmm's memfds? */
+static bool libhmm_path(const char *name)
+{
+	return !strncmp(name, LIBHMM_MEMFD_PATH, sizeof(LIBHMM_MEMFD_PATH) - 1) ||
+	       !strcmp(name, "/memfd:" HMM_MEMFD_NAME);
+}
 
 /* The maps file line by line, for kernels without PROCMAP_QUERY. */
 static int vma_parse(uintptr_t addr, struct vma *v)
@@ -130,10 +141,11 @@ static int vma_parse(uintptr_t addr, struct vma *v)
 			unsigned long s, e, off, ino;
 			unsigned int maj, min;
 			char perm[5];
+			int name = 0;
 
 			*nl = 0;
-			if (sscanf(line, "%lx-%lx %4s %lx %x:%x %lu", &s, &e, perm, &off, &maj, &min,
-				   &ino) == 7 && s <= addr && addr < e) {
+			if (sscanf(line, "%lx-%lx %4s %lx %x:%x %lu %n", &s, &e, perm, &off, &maj, &min,
+				   &ino, &name) == 7 && s <= addr && addr < e) {
 				v->start = s;
 				v->end = e;
 				v->dev = makedev(maj, min);
@@ -141,6 +153,7 @@ static int vma_parse(uintptr_t addr, struct vma *v)
 				v->page_size = HMM_PAGE_SIZE;	/* hugetlbfs: registration refused */
 				v->prot = (perm[0] == 'r' ? PROT_READ : 0) |
 					  (perm[1] == 'w' ? PROT_WRITE : 0);
+				v->libhmm_file = name && libhmm_path(line + name);
 				close(fd);
 				return 0;
 			}
@@ -158,7 +171,10 @@ static int vma_parse(uintptr_t addr, struct vma *v)
 /* The mapping holding @addr. Return: 0; -EFAULT none. */
 static int vma_query(struct hmm *hmm, uintptr_t addr, struct vma *v)
 {
-	struct hmm_procmap_query q = { .size = sizeof(q), .query_addr = addr };
+	char name[PATH_MAX] = "";	/* a shorter buffer fails a longer name's query */
+	struct hmm_procmap_query q = { .size = sizeof(q), .query_addr = addr,
+				       .vma_name_size = sizeof(name),
+				       .vma_name_addr = (uint64_t)(uintptr_t)name };
 	int ret;
 
 	if (hmm->maps_fd < 0)
@@ -177,6 +193,7 @@ static int vma_query(struct hmm *hmm, uintptr_t addr, struct vma *v)
 	v->page_size = q.vma_page_size ? (size_t)q.vma_page_size : HMM_PAGE_SIZE;
 	v->prot = ((q.vma_flags & HMM_PROCMAP_READABLE) ? PROT_READ : 0) |
 		  ((q.vma_flags & HMM_PROCMAP_WRITABLE) ? PROT_WRITE : 0);
+	v->libhmm_file = q.vma_name_size && libhmm_path(name);
 	return 0;
 }
 
@@ -211,9 +228,12 @@ static void inplace_drop(struct hmm *hmm, uintptr_t start, uintptr_t end)
 /*
  * Is @v a mapping of one of libhmm's own memfds? A DMA view (-EFAULT: no
  * device maps it), or a CPU view the region table does not know: moved by
- * a foreign mremap() whose event is not handled yet, or unmapped by
- * hmm_munmap() a moment ago (-EAGAIN: look again). Never ordinary memory:
- * its host frames may be stale while a page is on a device.
+ * a foreign mremap() whose event is not handled yet, unmapped by
+ * hmm_munmap() a moment ago, or mapped by an hmm_mmap() that has not
+ * published it yet (-EAGAIN: look again; the memfd's name tells these).
+ * Never ordinary memory: its host frames may be stale while a page is on a
+ * device, and a registration of it with the in-place userfaultfd would make
+ * hmm_mmap()'s own fail with -EBUSY.
  */
 static int libhmm_view(struct hmm *hmm, const struct vma *v)
 {
@@ -233,7 +253,7 @@ static int libhmm_view(struct hmm *hmm, const struct vma *v)
 			      -EFAULT : -EAGAIN;
 	}
 	hmm_rcu_read_unlock();
-	return ret;
+	return ret ? ret : v->libhmm_file ? -EAGAIN : 0;
 }
 
 int hmm_inplace_prepare(struct hmm *hmm, uintptr_t a, uintptr_t *end, bool write,

@@ -168,6 +168,13 @@ struct hmm_range_node {
 	atomic_bool backoff;			/* faults: an invalidation overlapped */
 };
 
+/*
+ * The name of libhmm's memfds (region.c): /proc/self/maps shows their views
+ * as "/memfd:" HMM_MEMFD_NAME, which is how inplace.c knows a view the
+ * region table does not (yet, or any more) hold.
+ */
+#define HMM_MEMFD_NAME "libhmm"
+
 struct hmm_mig_job;				/* migrate.c */
 struct hmm_mig_share;				/* migrate.c */
 

@@ -1297,9 +1297,18 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			/*
 			 * The protection as of now (hmm_span_valid() refreshes it):
 			 * a change after this look marks us (mprotect's
-			 * invalidation begins after it publishes).
+			 * invalidation begins after it publishes). One read
+			 * section from the look to the logical entries written:
+			 * an unmap publishes its table and waits a grace period
+			 * before it clears the range's entries, so the EMPTY ->
+			 * HOST entries written here are under a region still in
+			 * the table or cleared with it. Written after the clear,
+			 * they would outlive the region and hold its address
+			 * (hmm_mmap() waits for a range's entries to go).
 			 */
+			hmm_rcu_read_lock();
 			if (!hmm_span_valid(hmm, &s)) {
+				hmm_rcu_read_unlock();
 				fault_unregister(hmm, &f);
 				hmm_span_put(&s);
 				hmm_count(&mc->stat.fault_rounds, 1);
@@ -1308,6 +1317,7 @@ int hmm_mirror_fault(struct hmm_mirror *mirror, uintptr_t start, uintptr_t end,
 			ret = access_perm(&s, write, &perm);
 			if (!ret)
 				ret = host_entries(hmm, &s, a, perm, fb);	/* F3 */
+			hmm_rcu_read_unlock();
 			if (ret == 0)
 				goto commit;
 			fault_unregister(hmm, &f);

@@ -185,7 +185,7 @@ int hmm_mmap(struct hmm *hmm, size_t length, int prot, unsigned int flags, void 
 	f->dma = MAP_FAILED;
 	f->size = len;
 	atomic_init(&f->refs, 1);
-	f->fd = memfd_create("libhmm", MFD_CLOEXEC);
+	f->fd = memfd_create(HMM_MEMFD_NAME, MFD_CLOEXEC);
 	if (f->fd < 0 || ftruncate(f->fd, (off_t)len) < 0)
 		goto fail_errno;
 	if (fstat(f->fd, &st) < 0)

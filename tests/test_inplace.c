@@ -16,7 +16,9 @@
  *     the right data or fails with -EFAULT, violations 0;
  *   - mremap() of a mirrored range: the device reads it at the new address;
  *   - a user's own userfaultfd supplying the pages: the device fault waits
- *     for the handler.
+ *     for the handler;
+ *   - a stale device pointer into libhmm memory hmm_munmap() frees and
+ *     hmm_mmap() hands out again: never taken for ordinary memory.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -550,6 +552,70 @@ static void users_userfaultfd_supplies_pages(void)
 	}
 }
 
+/*
+ * A device kernel with a stale pointer into libhmm memory that was just
+ * unmapped, while another thread's hmm_mmap() gets the address back: the
+ * device's fault may reach the new mapping before hmm_mmap() has published
+ * it. It must not take the new memfd for ordinary memory (in-place entries
+ * on libhmm memory, and an in-place registration that made hmm_mmap()'s
+ * own userfaultfd registration fail with -EBUSY: torture_signal, seed
+ * 0x70e7), nor the old memfd's view hmm_munmap() is tearing down (the
+ * device's fault failed with -ENOMEM). Every hmm_mmap() succeeds; the
+ * kernels read zeros or fail with -EFAULT.
+ */
+struct remapper {
+	_Atomic uintptr_t addr;
+	atomic_bool stop;
+	atomic_long rounds;
+};
+
+static void *remapper_main(void *arg)
+{
+	struct remapper *r = arg;
+
+	while (!atomic_load(&r->stop)) {
+		void *p;
+
+		CHECK_EQ(hmm_mmap(hmm, 16 * PAGE, PROT_READ | PROT_WRITE, 0, &p), 0);
+		atomic_store(&r->addr, (uintptr_t)p);
+		CHECK_EQ(hmm_munmap(hmm, p, 16 * PAGE), 0);
+		atomic_fetch_add(&r->rounds, 1);
+	}
+	return NULL;
+}
+
+static void stale_kernel(struct simdev_thread *t, unsigned int idx, unsigned int n, void *arg)
+{
+	struct remapper *r = arg;
+	uintptr_t a = atomic_load(&r->addr) + idx * PAGE;
+
+	(void)n;
+	/* Zeros (never-touched libhmm memory) or a failed access: nothing else is there. */
+	CHECK_EQ_U64(simdev_load64(t, a), 0);
+}
+
+static void device_fault_meets_hmm_mmap(void)
+{
+	struct remapper r = { .addr = 0 };
+	pthread_t tid;
+	long kernels = 0;
+
+	CHECK_EQ(pthread_create(&tid, NULL, remapper_main, &r), 0);
+	while (atomic_load(&r.rounds) < 2000) {
+		if (!atomic_load(&r.addr))
+			continue;
+		for (int d = 0; d < 2; d++) {
+			int ret = simdev_run(dev[d], stale_kernel, &r);
+
+			CHECK(ret == 0 || ret == -EFAULT);
+		}
+		kernels++;
+	}
+	atomic_store(&r.stop, true);
+	CHECK_EQ(pthread_join(tid, NULL), 0);
+	fprintf(stderr, "    %ld mappings, %ld kernel pairs\n", atomic_load(&r.rounds), kernels);
+}
+
 static void all(enum hmm_fault_mode mode)
 {
 	struct hmm_options o = { .sz = sizeof(o), .fault_mode = mode };
@@ -574,6 +640,7 @@ static void all(enum hmm_fault_mode mode)
 	RUN(munmap_under_running_kernel);
 	RUN(mremap_of_mirrored_range);
 	RUN(users_userfaultfd_supplies_pages);
+	RUN(device_fault_meets_hmm_mmap);
 	simdev_destroy_checked(dev[0]);
 	simdev_destroy_checked(dev[1]);
 	CHECK_EQ(hmm_fini(hmm), 0);
