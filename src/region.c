@@ -381,6 +381,13 @@ fail:
 	return NULL;
 }
 
+/* Takes [start, end) busy, waiting for a page-table directory that cannot be allocated now. */
+static void busy_lock_range_wait(struct hmm *hmm, uintptr_t start, uintptr_t end)
+{
+	while (hmm_busy_lock_range(hmm, start, end))
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+}
+
 /*
  * Tears down the parts of @old's regions in [start, end), which left the
  * table; their pages are busy (ours), so no fault or migration touches them.
@@ -478,8 +485,7 @@ static int change_range(struct hmm *hmm, uintptr_t start, uintptr_t end, int new
 	 * first. A page-table directory that cannot be allocated now is waited
 	 * for: the change is made already.
 	 */
-	while (hmm_busy_lock_range(hmm, start, end))
-		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	busy_lock_range_wait(hmm, start, end);
 	/* Devices map the pages (with the old permission): they must let go. */
 	hmm_inval_begin(hmm, &iv, start, end);
 	hmm_inval_send(hmm, &sent, start, end, new_prot < 0 ? HMM_EVENT_MUNMAP : HMM_EVENT_PROTECT,
@@ -614,13 +620,6 @@ static void move_entries(struct hmm *hmm, const struct moved_piece *mp)
 			hmm_devmem_set_owner(&hmm_mirror_by_id(hmm, hmm_pte_device(e))->mem,
 					     hmm_pte_frame(e), a - mp->start + mp->to);
 	}
-}
-
-/* Takes [start, end) busy, waiting for a page-table directory that cannot be allocated now. */
-static void busy_lock_range_wait(struct hmm *hmm, uintptr_t start, uintptr_t end)
-{
-	while (hmm_busy_lock_range(hmm, start, end))
-		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
 }
 
 static hmm_pte_t shared_to_host_fn(void *arg, uintptr_t addr, hmm_pte_t old)
