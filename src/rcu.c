@@ -69,17 +69,15 @@ static void atfork_parent(void)
 /*
  * The child has one thread: a reader record left by another parent thread
  * could be stuck "inside" a section forever, so keep only our own. The
- * membarrier registration belongs to the old mm and is not inherited.
+ * others are dropped, not freed: a forked child of a threaded process may
+ * only do async-signal-safe work until it execs (POSIX), and free() here
+ * hung TSan's allocator, whose lock another parent thread held at the fork
+ * (torture_signal's fork operation in CI). They are a few dozen bytes per
+ * parent thread. The membarrier registration belongs to the old mm and is
+ * not inherited.
  */
 static void atfork_child(void)
 {
-	struct hmm_rcu_reader *r = registry, *next;
-
-	for (; r; r = next) {
-		next = r->next;
-		if (r != hmm_rcu_self)
-			free(r);
-	}
 	registry = hmm_rcu_self;
 	if (registry)
 		registry->next = NULL;
